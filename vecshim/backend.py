@@ -1,0 +1,89 @@
+"""The Backend contract that every embedding backend (built-in or plugin) implements."""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Literal, Sequence
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = ["Backend", "BackendOptions", "Task", "TASKS"]
+
+#: Weaviate's two task types; `passage` is used when a request names none.
+Task = Literal["query", "passage"]
+TASKS: tuple[str, ...] = ("query", "passage")
+
+#: Characters per token used when a backend has no tokenizer of its own.
+CHARS_PER_TOKEN = 4
+
+
+class BackendOptions(BaseModel):
+    """Base for a backend's `Options`: unknown keys are rejected."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class Backend(ABC):
+    """An embedding backend: turns a list of texts into a list of vectors.
+
+    Subclasses set `name` and `Options`, may override `load()` for heavy
+    start-up work and `info()` for `/meta`, and must implement `embed()`.
+    The core does batching, caching, retries, long-text handling,
+    dimension checks and normalisation around it.
+    """
+
+    #: Name used as `backend:` in the YAML config. Must be unique.
+    name: ClassVar[str]
+    #: Pydantic model validating the `options:` mapping of the config.
+    Options: ClassVar[type[BaseModel]] = BackendOptions
+
+    #: Most texts one `embed()` call may take (None: no limit).
+    max_batch_size: int | None = None
+    #: Most tokens per text the model reads (None: no limit). Longer texts
+    #: go through the model's long-text policy.
+    max_input_tokens: int | None = None
+    #: Most tokens summed over one `embed()` call (None: no limit).
+    max_batch_tokens: int | None = None
+    #: True if `embed()` treats `query` and `passage` differently.
+    task_aware: bool = False
+    #: True if the returned vectors are already unit length.
+    normalized: bool = False
+    #: True if the model is trained for Matryoshka truncation (any prefix of
+    #: the vector is itself a good embedding), so `dimensions` may be honoured.
+    matryoshka: bool = False
+    #: Worker threads the batcher runs against this backend (None: core default).
+    concurrency: int | None = None
+
+    def __init__(self, options: BaseModel):
+        self.options = options
+
+    def load(self) -> None:
+        """Do heavy start-up work (import SDKs, load weights, open clients)."""
+
+    def info(self) -> dict[str, Any]:
+        """Return JSON-safe facts for `/meta` (model id, revision...). Never secrets."""
+        return {}
+
+    def fingerprint_parts(self) -> dict[str, Any]:
+        """Return what identifies this backend's vector space (model id, revision...)."""
+        return self.info()
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Return each text's token count; the default estimates from characters."""
+        return [max(1, math.ceil(len(t) / CHARS_PER_TOKEN)) for t in texts]
+
+    def split_text(self, text: str, max_tokens: int) -> list[str]:
+        """Split `text` into consecutive windows of at most `max_tokens` tokens."""
+        size = max(1, max_tokens * CHARS_PER_TOKEN)
+        return [text[i:i + size] for i in range(0, len(text), size)] or [text]
+
+    @abstractmethod
+    def embed(self, texts: list[str], task: Task) -> Sequence[Sequence[float]]:
+        """Embed `texts` for `task` and return one vector per text, in order.
+
+        Raise `vecshim.BackendError` (or any exception) on failure; the core
+        turns it into a JSON error for the callers of this batch.
+        """
+
+    def close(self) -> None:
+        """Release clients and threads at shutdown."""
