@@ -53,6 +53,14 @@ class Backend(ABC):
     matryoshka: bool = False
     #: Worker threads the batcher runs against this backend (None: core default).
     concurrency: int | None = None
+    #: Batch cost model `(a, b, c)`: one call on n texts padded to L tokens
+    #: takes about `a + b*n*L + c*n*L*L` seconds. Lets the batcher group texts
+    #: by length (None: the backend does not pad, group only by its limits).
+    batch_cost: tuple[float, float, float] | None = None
+    #: Importable modules the backend needs, checked when the config is
+    #: validated, and the pip extra that installs them.
+    requires: ClassVar[tuple[str, ...]] = ()
+    extra: ClassVar[str | None] = None
 
     def __init__(self, options: BaseModel):
         self.options = options

@@ -1,0 +1,1 @@
+"""HTTP blueprints: weaviate (transformers contract), openai, ops."""

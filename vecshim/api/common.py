@@ -1,0 +1,38 @@
+"""Helpers shared by the blueprints: state lookup, auth, JSON replies."""
+from __future__ import annotations
+
+import hmac
+import json
+
+from flask import Response, current_app, request
+
+from ..errors import Unauthorized
+
+__all__ = ["get_state", "json_response", "check_bearer"]
+
+
+def get_state():
+    """The running app's State."""
+    return current_app.extensions["vecshim"]
+
+
+def json_response(data, status: int = 200, headers: dict | None = None) -> Response:
+    """A compact JSON reply (bytes are passed through untouched)."""
+    body = data if isinstance(data, bytes) else json.dumps(data, separators=(",", ":")).encode()
+    return Response(body, status=status, mimetype="application/json", headers=headers)
+
+
+def check_bearer(tokens: list[str]) -> None:
+    """Raise Unauthorized unless the request carries one of `tokens` (no tokens: open)."""
+    if not tokens:
+        return
+    header = request.headers.get("Authorization", "")
+    scheme, _, given = header.partition(" ")
+    ok = False
+    if scheme.lower() == "bearer" and given:
+        # Compare against every token so timing says nothing about which matched.
+        for token in tokens:
+            ok |= hmac.compare_digest(given.strip().encode(), token.encode())
+    if not ok:
+        raise Unauthorized("missing or invalid bearer token",
+                           headers={"WWW-Authenticate": 'Bearer realm="vecshim"'})

@@ -1,0 +1,232 @@
+"""create_app(): config -> plugin manager -> models -> blueprints. The only wiring place."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from pathlib import Path
+from typing import Iterable
+
+from flask import Flask
+from werkzeug.exceptions import HTTPException
+
+from . import __version__
+from .cache import build_cache
+from .config import Config, load_config, parse_config
+from .errors import ConfigError, UnknownModelError, VecshimError
+from .model import Model, build_backend
+from .plugins import collect_backends, get_plugin_manager, plugin_infos
+from .api.common import json_response
+
+__all__ = ["create_app", "State", "build_models"]
+
+log = logging.getLogger("vecshim.app")
+_SLASHES = re.compile(r"/{2,}")
+
+
+class State:
+    """Everything a request needs, stored in `app.extensions["vecshim"]`."""
+
+    def __init__(self, config: Config, pm, registry, models: dict[str, Model], cache, stats=None):
+        self.config = config
+        self.pm = pm
+        self.registry = registry
+        self.models = models
+        self.cache = cache
+        self.stats = stats
+        self.draining = False
+        self.plugins = plugin_infos(pm)
+        self._meta: dict[str | None, bytes] = {}
+        self._loader: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.render_meta()
+
+    @property
+    def default_model(self) -> str:
+        return self.config.default_model
+
+    def get_model(self, name: str | None) -> Model:
+        """The named model (None: the default); unknown names are a 404 listing the models."""
+        if name is None:
+            name = self.config.default_model
+        try:
+            return self.models[name]
+        except KeyError:
+            raise UnknownModelError(name, self.models) from None
+
+    def not_ready_reason(self, name: str | None = None) -> str | None:
+        """Why the server (or one model) can't serve yet; None when ready."""
+        if self.draining:
+            return "shutting down"
+        models = [self.get_model(name)] if name is not None else list(self.models.values())
+        for m in models:
+            if not m.ready:
+                return f"model {m.name!r} is {m.state}" + (f": {m.error}" if m.error else "")
+        return None
+
+    def render_meta(self) -> None:
+        """Pre-render /meta for the server and each model (on startup and state changes)."""
+        infos = {name: m.info() for name, m in self.models.items()}
+        root = {
+            "vecshim_version": __version__,
+            "default_model": self.config.default_model,
+            "model": infos[self.config.default_model],
+            "models": infos,
+            "plugins": self.plugins,
+        }
+        meta = {None: json.dumps(root, separators=(",", ":"), default=str).encode()}
+        for name, info in infos.items():
+            meta[name] = json.dumps({"vecshim_version": __version__, "model": info},
+                                    separators=(",", ":"), default=str).encode()
+        self._meta = meta
+
+    def meta_bytes(self, name: str | None) -> bytes:
+        """The /meta body for the server or one model."""
+        if name is not None:
+            self.get_model(name)
+        return self._meta[name]
+
+    def start_loading(self) -> threading.Thread:
+        """Load every model in a background thread, retrying failures with backoff."""
+        self._loader = threading.Thread(target=self._load_all, name="vecshim-loader", daemon=True)
+        self._loader.start()
+        return self._loader
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Block until all models are ready (tests and the CLI)."""
+        deadline = time.monotonic() + timeout
+        for m in self.models.values():
+            if not m._ready.wait(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
+
+    def _load_all(self) -> None:
+        pending = list(self.models.values())
+        delay = 1.0
+        while pending and not self._stop.is_set():
+            failed = []
+            for m in pending:
+                try:
+                    m.load()
+                except Exception as err:  # keep serving /meta and readiness; retry below
+                    m.state, m.error = "failed", _describe(err)
+                    log.error("model %r failed to load: %s (retrying in %.0f s)", m.name, m.error, delay)
+                    failed.append(m)
+                self.render_meta()
+            pending = failed
+            if pending:
+                self._stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+        self._check_fallbacks()
+
+    def _check_fallbacks(self) -> None:
+        for m in self.models.values():
+            for fb in m.fallbacks:
+                if fb.ready and m.ready and fb.fingerprint != m.fingerprint:
+                    m.fallbacks.remove(fb)
+                    log.error("model %r: fallback %r has a different vector space (%s != %s); disabled",
+                              m.name, fb.name, fb.fingerprint, m.fingerprint)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop loading, drain every model's queue, close the cache."""
+        self.draining = True
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for m in self.models.values():
+            m.close(max(0.0, deadline - time.monotonic()))
+        if self.cache is not None:
+            self.cache.close()
+
+
+def _describe(err: Exception) -> str:
+    msg = err.message if isinstance(err, VecshimError) else str(err)
+    return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
+
+
+def build_models(config: Config, registry, cache, stats=None) -> dict[str, Model]:
+    """Validate every model's backend options and build the Model objects (no loading)."""
+    models = {}
+    for name, mcfg in config.models.items():
+        cls = registry.get(mcfg.backend)
+        models[name] = Model(name, mcfg, build_backend(name, mcfg, cls), cache=cache, stats=stats)
+    for name, m in models.items():
+        m.fallbacks = [models[f] for f in config.models[name].fallbacks]
+        for fb in m.fallbacks:
+            mine, theirs = m.fingerprint_parts(), fb.fingerprint_parts()
+            if mine != theirs:
+                raise ConfigError(f"models.{name}.fallbacks: {fb.name!r} embeds into a different vector "
+                                  f"space ({theirs} vs {mine})")
+    return models
+
+
+class _PathFix:
+    """WSGI middleware: `//vectors` and `/vectors/` reach `/vectors` without a redirect.
+
+    Weaviate builds URLs by string concatenation, so a base URL with a
+    trailing slash yields `//vectors`, and its client does not follow redirects.
+    """
+
+    def __init__(self, wsgi_app):
+        self.wsgi_app = wsgi_app
+
+    def __call__(self, environ, start_response):
+        path = environ.get("PATH_INFO", "")
+        if "//" in path or (len(path) > 1 and path.endswith("/")):
+            path = _SLASHES.sub("/", path)
+            environ["PATH_INFO"] = path.rstrip("/") or "/"
+        return self.wsgi_app(environ, start_response)
+
+
+def _register_errors(app: Flask) -> None:
+    def vecshim_error(err: VecshimError):
+        return json_response({"error": err.message}, err.status, err.headers)
+
+    def http_error(err: HTTPException):
+        headers = {k: v for k, v in err.get_headers() if k.lower() == "allow"}
+        return json_response({"error": f"{err.code} {err.name}: {err.description}"}, err.code or 500, headers)
+
+    def unexpected(err: Exception):
+        log.exception("unhandled error")
+        return json_response({"error": f"internal error ({type(err).__name__}); see the server log"}, 500)
+
+    app.register_error_handler(VecshimError, vecshim_error)
+    app.register_error_handler(HTTPException, http_error)
+    app.register_error_handler(Exception, unexpected)
+
+
+def create_app(config: Config | dict | str | os.PathLike | None = None, *, plugins: Iterable[object] = (),
+               load_entrypoints: bool | None = None, load: bool = True, stats=None) -> Flask:
+    """Build the Flask app; models load in a background thread (ready turns 204 after)."""
+    base_dir = Path.cwd()
+    if isinstance(config, Config):
+        cfg = config
+    elif isinstance(config, dict):
+        cfg = parse_config(config)
+    else:
+        cfg = load_config(config)
+        path = config or os.environ.get("VECSHIM_CONFIG")
+        if path:
+            base_dir = Path(path).resolve().parent
+    entrypoints = cfg.plugins.entrypoints if load_entrypoints is None else load_entrypoints
+    pm = get_plugin_manager(dirs=cfg.plugins.dirs, disable=cfg.plugins.disable, plugins=plugins,
+                            load_entrypoints=entrypoints, base_dir=base_dir)
+    registry = collect_backends(pm)
+    cache = build_cache(cfg.cache)
+    models = build_models(cfg, registry, cache, stats)
+
+    app = Flask("vecshim")
+    app.config["MAX_CONTENT_LENGTH"] = int(cfg.server.max_request_mb * 1024 * 1024)
+    app.url_map.strict_slashes = False
+    app.url_map.merge_slashes = False
+    app.wsgi_app = _PathFix(app.wsgi_app)
+    state = State(cfg, pm, registry, models, cache, stats)
+    app.extensions["vecshim"] = state
+    _register_errors(app)
+    from .api import weaviate
+    app.register_blueprint(weaviate.bp)
+    if load:
+        state.start_loading()
+    return app

@@ -1,0 +1,1 @@
+"""Built-in backends; each module registers itself through the `register_backends` hook."""

@@ -1,0 +1,177 @@
+"""Vector caches: an in-process LRU and an optional Redis shared by replicas."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from typing import Callable, Sequence
+
+import numpy as np
+
+__all__ = ["MemoryCache", "RedisCache", "TieredCache", "cache_key", "build_cache"]
+
+log = logging.getLogger("vecshim.cache")
+
+
+def cache_key(fingerprint: str, task: str | None, dimensions: int | None, text: str) -> bytes:
+    """Key for one vector: model fingerprint, task, dimensions and a hash of the text."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(f"{fingerprint}\x00{task or '-'}\x00{dimensions or 0}\x00".encode())
+    h.update(text.encode("utf-8", "surrogatepass"))
+    return b"vecshim:v1:" + h.hexdigest().encode()
+
+
+class MemoryCache:
+    """Thread-safe LRU of float32 vectors, bounded by item count and bytes."""
+
+    def __init__(self, max_items: int, max_bytes: int):
+        self.max_items = max_items
+        self.max_bytes = max_bytes
+        self._data: OrderedDict[bytes, np.ndarray] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def get_many(self, keys: Sequence[bytes]) -> list[np.ndarray | None]:
+        """Return the cached vector or None for each key, refreshing recency."""
+        out = []
+        with self._lock:
+            for k in keys:
+                v = self._data.get(k)
+                if v is not None:
+                    self._data.move_to_end(k)
+                out.append(v)
+        return out
+
+    def set_many(self, items: Sequence[tuple[bytes, np.ndarray]]) -> None:
+        """Store vectors, evicting the least recently used beyond the bounds."""
+        if self.max_items <= 0 or self.max_bytes <= 0:
+            return
+        with self._lock:
+            for k, v in items:
+                old = self._data.pop(k, None)
+                if old is not None:
+                    self._bytes -= old.nbytes
+                self._data[k] = v
+                self._bytes += v.nbytes
+            while self._data and (len(self._data) > self.max_items or self._bytes > self.max_bytes):
+                _, v = self._data.popitem(last=False)
+                self._bytes -= v.nbytes
+
+
+class RedisCache:
+    """Redis-backed cache; any Redis failure is logged, counted and treated as a miss.
+
+    After a failure Redis is skipped for `backoff_s` so a dead Redis adds no
+    latency to every request.
+    """
+
+    def __init__(self, url: str, *, ttl_s: int | None, timeout_s: float,
+                 backoff_s: float = 2.0, on_error: Callable[[], None] | None = None):
+        try:
+            import redis
+        except ImportError:
+            from .errors import ConfigError
+            raise ConfigError("cache.redis_url needs: pip install 'vecshim[redis]'") from None
+        self._redis = redis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+            health_check_interval=30)
+        self._errors = (redis.RedisError, OSError)
+        self.ttl_s = ttl_s
+        self.backoff_s = backoff_s
+        self._down_until = 0.0
+        self._on_error = on_error
+        self.errors = 0
+
+    def _failed(self, err: Exception) -> None:
+        self.errors += 1
+        if self._on_error:
+            self._on_error()
+        if time.monotonic() >= self._down_until:
+            # Log once per backoff window, with the error class only: the
+            # message may echo the URL and its password.
+            log.warning("redis cache unavailable (%s); serving from the model", type(err).__name__)
+        self._down_until = time.monotonic() + self.backoff_s
+
+    def get_many(self, keys: Sequence[bytes]) -> list[np.ndarray | None]:
+        """Return vectors for the keys found in Redis, None elsewhere."""
+        if not keys or time.monotonic() < self._down_until:
+            return [None] * len(keys)
+        try:
+            raw = self._redis.mget(keys)
+        except self._errors as err:
+            self._failed(err)
+            return [None] * len(keys)
+        return [None if r is None else np.frombuffer(r, dtype=np.float32) for r in raw]
+
+    def set_many(self, items: Sequence[tuple[bytes, np.ndarray]]) -> None:
+        """Store vectors (with the TTL, if set); failures are swallowed after logging."""
+        if not items or time.monotonic() < self._down_until:
+            return
+        try:
+            pipe = self._redis.pipeline(transaction=False)
+            for k, v in items:
+                pipe.set(k, np.asarray(v, dtype=np.float32).tobytes(), ex=self.ttl_s)
+            pipe.execute()
+        except self._errors as err:
+            self._failed(err)
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._redis.close()
+
+
+class TieredCache:
+    """Memory first, then Redis; Redis hits are copied into memory."""
+
+    def __init__(self, memory: MemoryCache | None, redis: RedisCache | None):
+        self.memory = memory
+        self.redis = redis
+
+    def get_many(self, keys: Sequence[bytes]) -> list[np.ndarray | None]:
+        """Look keys up in memory, then the misses in Redis."""
+        found = self.memory.get_many(keys) if self.memory else [None] * len(keys)
+        if self.redis:
+            missing = [i for i, v in enumerate(found) if v is None]
+            if missing:
+                got = self.redis.get_many([keys[i] for i in missing])
+                back = []
+                for i, v in zip(missing, got):
+                    if v is not None:
+                        found[i] = v
+                        back.append((keys[i], v))
+                if back and self.memory:
+                    self.memory.set_many(back)
+        return found
+
+    def set_many(self, items: Sequence[tuple[bytes, np.ndarray]]) -> None:
+        """Store in every tier."""
+        if self.memory:
+            self.memory.set_many(items)
+        if self.redis:
+            self.redis.set_many(items)
+
+    def close(self) -> None:
+        """Close the Redis connection, if any."""
+        if self.redis:
+            self.redis.close()
+
+
+def build_cache(cfg, on_redis_error: Callable[[], None] | None = None) -> TieredCache | None:
+    """Build the cache from a CacheConfig, or None when caching is off."""
+    if not cfg.enabled:
+        return None
+    memory = None
+    if cfg.memory_items > 0 and cfg.memory_mb > 0:
+        memory = MemoryCache(cfg.memory_items, int(cfg.memory_mb * 1024 * 1024))
+    redis = None
+    if cfg.redis_url:
+        redis = RedisCache(cfg.redis_url, ttl_s=cfg.ttl_s, timeout_s=cfg.redis_timeout_s,
+                           on_error=on_redis_error)
+    if memory is None and redis is None:
+        return None
+    return TieredCache(memory, redis)

@@ -1,0 +1,274 @@
+"""A configured model: a backend plus text policy, cache, batcher and checks."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import threading
+import time
+from typing import Any, Sequence
+
+import numpy as np
+from pydantic import ValidationError
+
+from .backend import TASKS, Backend
+from .batching import Batcher
+from .config import ModelConfig, format_validation_error
+from .errors import BackendError, BackendUnavailable, BadRequest, ConfigError, PayloadTooLarge
+
+__all__ = ["Model", "build_backend", "WARMUP_TEXT"]
+
+log = logging.getLogger("vecshim.model")
+WARMUP_TEXT = "vecshim warm-up: the quick brown fox jumps over the lazy dog."
+
+
+def build_backend(name: str, cfg: ModelConfig, cls: type[Backend]) -> Backend:
+    """Validate `cfg.options` against the backend's Options and construct it."""
+    missing = [m for m in cls.requires if importlib.util.find_spec(m) is None]
+    if missing:
+        extra = f"vecshim[{cls.extra}]" if cls.extra else " ".join(missing)
+        raise ConfigError(f"models.{name}: backend {cls.name!r} needs: pip install '{extra}'")
+    try:
+        options = cls.Options.model_validate(cfg.options)
+    except ValidationError as err:
+        lines = format_validation_error(err).splitlines()
+        raise ConfigError("\n".join(f"models.{name}.options.{line}" for line in lines)) from None
+    return cls(options)
+
+
+class Model:
+    """One named model as served: `embed()` is the only way texts reach a backend."""
+
+    def __init__(self, name: str, cfg: ModelConfig, backend: Backend, *, cache=None, stats=None):
+        self.name = name
+        self.cfg = cfg
+        self.backend = backend
+        self.cache = cache
+        self.stats = stats
+        self.dimension: int | None = None
+        self.state = "loading"
+        self.error: str | None = None
+        self.load_seconds: float | None = None
+        self.batcher: Batcher | None = None
+        self.fallbacks: list[Model] = []
+        self.resilience = None
+        self._ready = threading.Event()
+        prefixes = cfg.prefixes
+        #: Whether query and passage texts reach the model differently.
+        self.task_split = backend.task_aware or prefixes.query != prefixes.passage
+
+    # -- identity -------------------------------------------------------
+    @property
+    def normalized(self) -> bool:
+        """Whether served vectors are unit length."""
+        return self.cfg.normalize if self.cfg.normalize is not None else bool(self.backend.normalized)
+
+    @property
+    def matryoshka(self) -> bool:
+        """Whether `dimensions` below the native size may be served by truncation."""
+        return self.cfg.matryoshka if self.cfg.matryoshka is not None else bool(self.backend.matryoshka)
+
+    def fingerprint_parts(self) -> dict[str, Any]:
+        """Everything that decides which vector a text gets."""
+        return {
+            "backend": self.backend.fingerprint_parts(),
+            "dimension": self.dimension,
+            "normalized": self.normalized,
+            "prefixes": self.cfg.prefixes.model_dump(),
+            "long_text": self.cfg.long_text,
+            "max_input_tokens": self.backend.max_input_tokens,
+        }
+
+    @property
+    def fingerprint(self) -> str:
+        """Short stable hash of `fingerprint_parts()`."""
+        raw = json.dumps(self.fingerprint_parts(), sort_keys=True, default=str)
+        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+
+    def info(self) -> dict[str, Any]:
+        """The model's entry in `/meta`; built once the model is loaded."""
+        b = self.backend
+        return {
+            "name": self.name,
+            "backend": b.name,
+            "state": self.state,
+            **({"error": self.error} if self.error else {}),
+            "model": b.info(),
+            "dimension": self.dimension,
+            "normalized": self.normalized,
+            "matryoshka": self.matryoshka,
+            "max_input_tokens": b.max_input_tokens,
+            "long_text": self.cfg.long_text,
+            "prefixes": self.cfg.prefixes.model_dump(),
+            "task_aware": self.task_split,
+            "batch": {"max_size": self.cfg.batch.max_size, "max_wait_ms": self.cfg.batch.max_wait_ms},
+            "fingerprint": self.fingerprint,
+            "fallbacks": list(self.cfg.fallbacks),
+        }
+
+    # -- lifecycle ------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """True once loaded and warmed up."""
+        return self._ready.is_set()
+
+    def load(self) -> None:
+        """Load the backend, start the batcher and embed one warm-up text."""
+        start = time.monotonic()
+        self.backend.load()
+        from .resilience import Resilience  # the core wraps every backend call
+
+        workers = self.cfg.batch.workers or self.backend.concurrency or 1
+        self.resilience = Resilience(self.cfg.retry, self.cfg.circuit,
+                                     self.cfg.max_concurrency, self.name,
+                                     on_event=self.stats.upstream_event(self.name) if self.stats else None)
+        if self.batcher is None:
+            self.batcher = Batcher(
+                self.name, self._embed_batch, max_size=self.cfg.batch.max_size,
+                max_wait_ms=self.cfg.batch.max_wait_ms, workers=workers,
+                max_queue=self.cfg.batch.max_queue, backend_max_size=self.backend.max_batch_size,
+                max_batch_tokens=self.backend.max_batch_tokens, cost=self.backend.batch_cost,
+                on_batch=self.stats.batch_observer(self.name) if self.stats else None)
+        vec = self.batcher.wait(self.batcher.submit([WARMUP_TEXT], [8], "passage"), self.cfg.timeout_s)[0]
+        self.dimension = int(vec.shape[0])
+        self.load_seconds = time.monotonic() - start
+        self.state, self.error = "ready", None
+        self._ready.set()
+        log.info("model %r ready: backend %s, dimension %d, loaded in %.1f s",
+                 self.name, self.backend.name, self.dimension, self.load_seconds)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish queued work and release the backend."""
+        if self.batcher:
+            self.batcher.close(timeout)
+        self.backend.close()
+
+    # -- embedding ------------------------------------------------------
+    def _task_key(self, task: str) -> str | None:
+        return task if self.task_split else None
+
+    def _embed_batch(self, texts: list[str], key: str | None) -> np.ndarray:
+        """Called by batch workers: one backend call, checked."""
+        task = key or "passage"
+        raw = self.resilience.call(self.backend.embed, texts, task)
+        try:
+            arr = np.asarray(raw, dtype=np.float32)
+        except (TypeError, ValueError) as err:
+            raise BackendError(f"backend {self.backend.name!r} returned non-numeric vectors") from err
+        if arr.ndim != 2 or arr.shape[0] != len(texts):
+            raise BackendError(f"backend {self.backend.name!r} returned {arr.shape[0] if arr.ndim else 0} "
+                               f"vectors for {len(texts)} texts")
+        if arr.shape[1] == 0 or (self.dimension is not None and arr.shape[1] != self.dimension):
+            raise BackendError(f"backend {self.backend.name!r} returned vectors of length {arr.shape[1]}, "
+                               f"expected {self.dimension}")
+        if not np.isfinite(arr).all():
+            raise BackendError(f"backend {self.backend.name!r} returned non-finite numbers")
+        return arr
+
+    def check_dimensions(self, dimensions: int | None) -> int | None:
+        """Validate a requested output size; None means the native size."""
+        if dimensions is None or dimensions == self.dimension:
+            return None
+        if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1:
+            raise BadRequest(f"dimensions must be a positive integer, got {dimensions!r}")
+        if self.dimension is not None and dimensions > self.dimension:
+            raise BadRequest(f"model {self.name!r} has {self.dimension} dimensions; cannot serve {dimensions}")
+        if not self.matryoshka:
+            raise BadRequest(f"model {self.name!r} produces {self.dimension} dimensions and does not support "
+                             f"truncation (not a Matryoshka model); omit dimensions or set it to {self.dimension}")
+        return dimensions
+
+    def embed(self, texts: Sequence[str], task: str = "passage", dimensions: int | None = None) -> list[np.ndarray]:
+        """Embed texts for a task; return one float32 vector per text."""
+        if task not in TASKS:
+            raise BadRequest(f"task_type must be one of {', '.join(TASKS)}, got {task!r}")
+        if not self.ready:
+            raise BackendUnavailable(f"model {self.name!r} is not ready ({self.error or self.state})")
+        dims = self.check_dimensions(dimensions)
+        vectors = self._embed_native(list(texts), task)
+        if dims is not None:
+            vectors = [v[:dims] for v in vectors]
+            if self.normalized:
+                vectors = [_unit(v) for v in vectors]
+        return vectors
+
+    def _embed_native(self, texts: list[str], task: str) -> list[np.ndarray]:
+        key = self._task_key(task)
+        out: list[np.ndarray | None] = [None] * len(texts)
+        keys = None
+        if self.cache is not None:
+            from .cache import cache_key
+            keys = [cache_key(self.fingerprint, key, None, t) for t in texts]
+            out = self.cache.get_many(keys)
+            if self.stats:
+                hits = sum(v is not None for v in out)
+                self.stats.cache(self.name, hits, len(texts) - hits)
+        todo = [i for i, v in enumerate(out) if v is None]
+        if todo:
+            fresh = self._run([texts[i] for i in todo], task)
+            for i, v in zip(todo, fresh):
+                out[i] = v
+            if self.cache is not None:
+                self.cache.set_many([(keys[i], out[i]) for i in todo])
+        return out
+
+    def _run(self, texts: list[str], task: str) -> list[np.ndarray]:
+        """Embed cache misses: prefixes, long-text policy, batcher, fallbacks."""
+        try:
+            return self._run_here(texts, task)
+        except (BackendError,) as err:
+            for fb in self.fallbacks:
+                if not fb.ready:
+                    continue
+                log.warning("model %r failed (%s); using fallback %r", self.name, err.message, fb.name)
+                try:
+                    return fb._run_here(texts, task)
+                except BackendError:
+                    continue
+            raise
+
+    def _run_here(self, texts: list[str], task: str) -> list[np.ndarray]:
+        prefix = self.cfg.prefixes.query if task == "query" else self.cfg.prefixes.passage
+        limit = self.backend.max_input_tokens
+        inputs = [prefix + t for t in texts]
+        counts = self.backend.count_tokens(inputs)
+        units: list[str] = []
+        unit_tokens: list[int] = []
+        spans: list[tuple[int, int]] = []
+        for text, full, n in zip(texts, inputs, counts):
+            start = len(units)
+            if limit is None or n <= limit:
+                units.append(full)
+                unit_tokens.append(n)
+            elif self.cfg.long_text == "error":
+                raise PayloadTooLarge(f"text has {n} tokens; model {self.name!r} reads at most {limit} "
+                                      f"(long_text: error)")
+            else:
+                room = max(1, limit - (self.backend.count_tokens([prefix])[0] if prefix else 0))
+                windows = self.backend.split_text(text, room)
+                if self.cfg.long_text == "truncate":
+                    windows = windows[:1]
+                units.extend(prefix + w for w in windows)
+                unit_tokens.extend(self.backend.count_tokens([prefix + w for w in windows]))
+            spans.append((start, len(units)))
+        items = self.batcher.submit(units, unit_tokens, self._task_key(task))
+        vecs = self.batcher.wait(items, self.cfg.timeout_s)
+        out = []
+        for a, b in spans:
+            if b - a == 1:
+                v = vecs[a]
+            else:
+                weights = np.asarray(unit_tokens[a:b], dtype=np.float32)
+                v = (np.stack(vecs[a:b]) * weights[:, None]).sum(0) / weights.sum()
+                if self.normalized:
+                    v = _unit(v)
+            if self.cfg.normalize:
+                v = _unit(v)
+            out.append(np.ascontiguousarray(v, dtype=np.float32))
+        return out
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    n = float(np.linalg.norm(v))
+    return (v / n).astype(np.float32) if n > 0 else v

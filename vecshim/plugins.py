@@ -1,0 +1,152 @@
+"""Plugin manager: built-in backends, plugin folders and entry points, one hook."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import sys
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Iterable
+
+import pluggy
+
+from . import hookspecs
+from .backend import Backend
+from .errors import ConfigError, UnknownBackendError
+
+__all__ = ["DEFAULT_PLUGINS", "Registry", "get_plugin_manager", "collect_backends", "plugin_infos"]
+
+#: Built-in backends, registered exactly like third-party plugins.
+DEFAULT_PLUGINS = (
+    "vecshim.backends.local",
+    "vecshim.backends.openai_api",
+    "vecshim.backends.cohere_api",
+)
+
+
+@dataclass
+class Registry:
+    """Backend classes by name, with the plugin that registered each."""
+
+    backends: dict[str, type[Backend]] = field(default_factory=dict)
+    owners: dict[str, str] = field(default_factory=dict)
+
+    def get(self, name: str) -> type[Backend]:
+        """Return the backend class called `name` or raise UnknownBackendError."""
+        try:
+            return self.backends[name]
+        except KeyError:
+            raise UnknownBackendError(name, self.backends) from None
+
+
+class PluginManager(pluggy.PluginManager):
+    """pluggy's manager plus the distribution version of each entry-point plugin."""
+
+    def __init__(self):
+        super().__init__(hookspecs.NAME)
+        self.versions: dict[str, str] = {}
+
+
+def _load_file(pm: pluggy.PluginManager, path: Path) -> None:
+    name = f"vecshim_plugin_{path.stem}"
+    if pm.get_plugin(path.stem) is not None or pm.is_blocked(path.stem):
+        return
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as err:
+        raise ConfigError(f"plugin file {path} failed to import: {type(err).__name__}: {err}") from err
+    pm.register(module, path.stem)
+
+
+def _load_entrypoints(pm: PluginManager) -> None:
+    # Like pm.load_setuptools_entrypoints, but an import failure names the plugin.
+    for dist in metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group != hookspecs.NAME or pm.get_plugin(ep.name) or pm.is_blocked(ep.name):
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as err:
+                raise ConfigError(
+                    f"plugin {ep.name!r} from {dist.metadata['Name']} failed to load: "
+                    f"{type(err).__name__}: {err}") from err
+            pm.register(plugin, name=ep.name)
+            pm.versions[ep.name] = dist.version
+
+
+def get_plugin_manager(*, dirs: Iterable[str | Path] = (), disable: Iterable[str] = (),
+                       plugins: Iterable[object] = (), load_entrypoints: bool = True,
+                       base_dir: Path | None = None) -> PluginManager:
+    """Build a fresh plugin manager: built-ins, plugin folders, entry points, extras.
+
+    `disable` blocks plugins by name (built-ins are named by module, e.g.
+    `vecshim.backends.cohere_api`; folder plugins by file stem; entry points
+    by entry-point name). A hook name that matches no hookspec fails here.
+    """
+    pm = PluginManager()
+    pm.add_hookspecs(hookspecs)
+    for name in disable:
+        pm.set_blocked(name)
+    for modname in DEFAULT_PLUGINS:
+        if not pm.is_blocked(modname):
+            pm.register(importlib.import_module(modname), modname)
+    for d in dirs:
+        folder = Path(d)
+        if not folder.is_absolute() and base_dir is not None:
+            folder = base_dir / folder
+        if not folder.is_dir():
+            raise ConfigError(f"plugins.dirs: {folder} is not a directory")
+        for path in sorted(folder.glob("*.py")):
+            if not path.name.startswith("_"):
+                _load_file(pm, path)
+    if load_entrypoints:
+        _load_entrypoints(pm)
+    for plugin in plugins:
+        pm.register(plugin)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as err:
+        raise ConfigError(f"plugin {pm.get_name(err.plugin)!r}: {err}") from None
+    return pm
+
+
+def collect_backends(pm: pluggy.PluginManager) -> Registry:
+    """Call every `register_backends` hook and return the registry; duplicates fail."""
+    registry = Registry()
+    for impl in reversed(pm.hook.register_backends.get_hookimpls()):
+        owner = impl.plugin_name
+
+        def register(cls, _owner=owner):
+            if not (inspect.isclass(cls) and issubclass(cls, Backend)):
+                raise ConfigError(f"plugin {_owner!r} registered {cls!r}, which is not a vecshim.Backend subclass")
+            name = getattr(cls, "name", None)
+            if not isinstance(name, str) or not name:
+                raise ConfigError(f"plugin {_owner!r}: backend {cls.__name__} has no name")
+            if name in registry.backends:
+                raise ConfigError(
+                    f"backend name {name!r} registered twice: by plugin {registry.owners[name]!r} "
+                    f"and by plugin {_owner!r}")
+            registry.backends[name] = cls
+            registry.owners[name] = _owner
+
+        impl.function(register=register)
+    return registry
+
+
+def plugin_infos(pm: pluggy.PluginManager) -> list[dict]:
+    """Name, version and hooks of every registered plugin (for /meta and the CLI)."""
+    from . import __version__
+
+    out = []
+    for plugin in pm.get_plugins():
+        name = pm.get_name(plugin)
+        hooks = sorted(h.name for h in pm.get_hookcallers(plugin) or [])
+        version = getattr(pm, "versions", {}).get(name)
+        if version is None and name.startswith("vecshim."):
+            version = __version__
+        out.append({"name": name, "version": version, "hooks": hooks})
+    return sorted(out, key=lambda p: p["name"])

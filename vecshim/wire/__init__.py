@@ -1,0 +1,1 @@
+"""Request parsing and reply shapes, one module per protocol."""
