@@ -62,6 +62,10 @@ class OpenAIBackend(Backend):
 
     name = "openai"
     Options = OpenAIOptions
+    requires = ("openai",)
+    extra = "openai"
+    #: Batcher workers: a hosted API spends its time waiting, so overlap calls.
+    concurrency = 4
     task_aware = False
 
     def __init__(self, options: OpenAIOptions):

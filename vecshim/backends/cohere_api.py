@@ -1,0 +1,178 @@
+"""The `cohere` backend: Cohere's v2 embed API, with Weaviate's tasks mapped to input types.
+
+Weaviate's `query` becomes `search_query` and `passage` becomes
+`search_document` (both configurable). The SDK is imported in `load()` and
+never retries: `vecshim.resilience` does that for every backend.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, model_validator
+
+from ..backend import Backend, BackendOptions, Task
+from ..errors import BackendError, ConfigError, UpstreamError
+from ..hookspecs import hookimpl
+from ..resilience import parse_retry_after
+from ._hosted import check_vectors, endpoint_host, redact, resolve_api_key
+
+__all__ = ["CohereBackend", "CohereOptions"]
+
+#: Statuses worth another try: rate limits and server errors.
+RETRYABLE_STATUSES = frozenset({408, 429})
+#: 498 is Cohere's "invalid token"; like 401 and 403 its body is never copied.
+AUTH_STATUSES = frozenset({401, 403, 498})
+#: Used as the key for a compatible server that needs none: the SDK insists on one.
+NO_KEY = "no-key"
+DEFAULT_HOST = "api.cohere.com"
+
+
+class CohereOptions(BackendOptions):
+    """Options of the `cohere` backend."""
+
+    model: str = "embed-english-v3.0"
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    base_url: str | None = None
+    timeout_s: float = Field(20.0, gt=0)
+    input_type_query: str = "search_query"
+    input_type_passage: str = "search_document"
+    output_dimension: int | None = Field(None, ge=1)
+    truncate: Literal["NONE", "START", "END"] = "END"
+    max_batch_size: int = Field(96, ge=1)
+    max_input_tokens: int = Field(512, ge=1)
+
+    @model_validator(mode="after")
+    def _check_key_source(self) -> CohereOptions:
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("set api_key or api_key_file, not both")
+        return self
+
+
+class CohereBackend(Backend):
+    """Embeddings from Cohere's `POST /v2/embed`."""
+
+    name = "cohere"
+    Options = CohereOptions
+    requires = ("cohere", "httpx")
+    extra = "cohere"
+    #: Batcher workers: a hosted API spends its time waiting, so overlap calls.
+    concurrency = 4
+    task_aware = True
+
+    def __init__(self, options: CohereOptions):
+        super().__init__(options)
+        self.max_batch_size = options.max_batch_size
+        self.max_input_tokens = options.max_input_tokens
+        self.input_types = {"query": options.input_type_query,
+                            "passage": options.input_type_passage}
+        self._client: Any = None
+        self._http: Any = None
+        self._key: str | None = None
+        self._errors: tuple[type[Exception], ...] = ()
+        self._httpx: Any = None
+
+    def load(self) -> None:
+        """Import the SDK and build the client (no network call)."""
+        try:
+            import cohere
+            import httpx
+        except ImportError:
+            raise ConfigError("backend 'cohere' needs: pip install 'vecshim[cohere]'") from None
+        opts = self.options
+        env = ("CO_API_KEY", "COHERE_API_KEY")
+        self._key = resolve_api_key(opts.api_key, opts.api_key_file, env, self.name)
+        if self._key is None:
+            if not opts.base_url:
+                raise ConfigError("backend 'cohere' needs an API key: set options.api_key, "
+                                  "options.api_key_file, CO_API_KEY or COHERE_API_KEY")
+            self._key = NO_KEY
+        # Our own httpx client, so that close() can release its connections.
+        self._http = httpx.Client(timeout=opts.timeout_s)
+        self._client = cohere.ClientV2(api_key=self._key, base_url=opts.base_url,
+                                       timeout=opts.timeout_s, max_retries=0,
+                                       httpx_client=self._http)
+        self._errors = (cohere.core.ApiError, cohere.core.ParsingError, httpx.HTTPError)
+        self._httpx = httpx
+
+    def info(self) -> dict[str, Any]:
+        """Return the model, the upstream host, input types and dimension (never the key)."""
+        return {"model": self.options.model,
+                "host": endpoint_host(self.options.base_url) or DEFAULT_HOST,
+                "input_types": dict(self.input_types),
+                "dimensions": self.options.output_dimension}
+
+    def fingerprint_parts(self) -> dict[str, Any]:
+        """Return what shapes the vectors: model, input types, dimension and truncation."""
+        return {"model": self.options.model, "input_types": dict(self.input_types),
+                "dimensions": self.options.output_dimension, "truncate": self.options.truncate}
+
+    def embed(self, texts: list[str], task: Task) -> list[list[float]]:
+        """Embed `texts` with one API call, as queries or as documents."""
+        if self._client is None:
+            raise BackendError("backend 'cohere' is not loaded")
+        params: dict[str, Any] = {"model": self.options.model, "texts": texts,
+                                  "input_type": self.input_types[task],
+                                  "embedding_types": ["float"], "truncate": self.options.truncate}
+        if self.options.output_dimension is not None:
+            params["output_dimension"] = self.options.output_dimension
+        error: BackendError | None = None
+        try:
+            reply = self._client.embed(**params)
+        except self._errors as exc:
+            error = self._map_error(exc)
+        if error is not None:
+            # Raised outside `except` so no SDK exception (which may quote the key) is chained.
+            raise error
+        embeddings = getattr(reply, "embeddings", None)
+        vectors = getattr(embeddings, "float_", None)
+        if not isinstance(vectors, list):
+            raise BackendError("cohere upstream returned a reply without float embeddings")
+        return check_vectors(vectors, len(texts), self.options.output_dimension, self.name)
+
+    def close(self) -> None:
+        """Close the HTTP client."""
+        if self._http is not None:
+            self._http.close()
+            self._http = self._client = None
+
+    def _map_error(self, exc: Exception) -> BackendError:
+        """Turn an SDK or httpx exception into an error whose message never holds the key."""
+        httpx = self._httpx
+        if isinstance(exc, httpx.TimeoutException):
+            return UpstreamError(f"cohere upstream timed out after {self.options.timeout_s:g} s",
+                                 retryable=True)
+        if isinstance(exc, httpx.TransportError):
+            return UpstreamError(f"cohere upstream connection failed ({type(exc).__name__})",
+                                 retryable=True)
+        status = getattr(exc, "status_code", None)
+        if not isinstance(status, int) or 200 <= status < 300:
+            # The SDK raises ApiError with the 2xx status when the body is not JSON.
+            return BackendError("cohere upstream returned a reply that is not valid JSON")
+        retryable = status in RETRYABLE_STATUSES or status >= 500
+        if status in AUTH_STATUSES:
+            detail = "authentication failed" if status != 403 else "permission denied"
+        elif status == 429:
+            detail = "rate limited"
+        else:
+            detail = redact(_error_message(getattr(exc, "body", None)), self._key)
+        return UpstreamError(f"cohere upstream returned {status} ({detail})",
+                             upstream_status=status, retryable=retryable,
+                             retry_after=parse_retry_after(getattr(exc, "headers", None)))
+
+
+def _error_message(body: Any) -> str:
+    """Return the message of Cohere's `{"message": ...}` error body, or a short form of it."""
+    if isinstance(body, dict) and body.get("message"):
+        return str(body["message"])
+    if body is None:
+        return "no details"
+    return body[:200] if isinstance(body, str) else json.dumps(body)[:200]
+
+
+@hookimpl
+def register_backends(register):
+    """Register the `cohere` backend."""
+    register(CohereBackend)
