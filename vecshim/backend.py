@@ -60,6 +60,9 @@ class Backend(ABC):
     #: Importable modules the backend needs, checked when the config is
     #: validated, and the pip extra that installs them.
     requires: ClassVar[tuple[str, ...]] = ()
+    #: True if the backend holds model weights in this process (one copy per
+    #: gunicorn worker), so `vecshim serve` defaults to a single worker.
+    in_process: ClassVar[bool] = False
     extra: ClassVar[str | None] = None
 
     def __init__(self, options: BaseModel):

@@ -61,6 +61,7 @@ class SentenceTransformersBackend(Backend):
     Options = SentenceTransformersOptions
     requires = ("torch", "sentence_transformers")
     extra = "local"
+    in_process = True
     batch_cost = DEFAULT_COST
 
     def __init__(self, options: SentenceTransformersOptions):
@@ -87,6 +88,11 @@ class SentenceTransformersBackend(Backend):
             torch.set_num_threads(threads)
         if self.bundled or Path(self.path).is_dir():
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        try:  # a progress bar per worker start is noise in server logs
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass
         model = SentenceTransformer(self.path, device=opts.device, revision=opts.revision,
                                     trust_remote_code=opts.trust_remote_code,
                                     cache_folder=opts.cache_folder)
