@@ -68,3 +68,5 @@ class GoClient:
 
     def close(self) -> None:
         self.conn.close()
+
+    __del__ = close  # tests drop clients freely; never leak a socket warning
