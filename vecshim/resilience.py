@@ -68,10 +68,12 @@ def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
         try:
             seconds = float(value) * scale
         except ValueError:
-            parsed = email.utils.parsedate_to_datetime(value) if scale == 1.0 else None
-            if parsed is None:
+            if scale != 1.0:
                 continue
-            seconds = parsed.timestamp() - time.time()
+            try:
+                seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
+            except (TypeError, ValueError):
+                continue
         if math.isfinite(seconds):
             return max(0.0, seconds)
     return None
