@@ -134,7 +134,7 @@ class FakeUpstream:
         """Serve on an ephemeral 127.0.0.1 port in a daemon thread; return self."""
         self._server = _Server(("127.0.0.1", 0), _make_handler(self))
         self._thread = threading.Thread(target=self._server.serve_forever,
-                                        kwargs={"poll_interval": 0.05}, daemon=True)
+                                        kwargs={"poll_interval": 0.01}, daemon=True)
         self._thread.start()
         return self
 
