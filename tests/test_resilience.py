@@ -125,7 +125,7 @@ def test_retry_after_beyond_the_budget_gives_up_at_once():
     res, _ = make({"budget_s": 1.0})
     fn = failing(upstream(429, retry_after=30))
     start = time.monotonic()
-    with pytest.raises(UpstreamError, match="returned 429 after 1 attempt in .* exceed the 1 s budget") as caught:
+    with pytest.raises(UpstreamError, match="returned 429 after 1 attempt in .* not fit the 1 s budget") as caught:
         res.call(fn)
     assert time.monotonic() - start < 0.5
     assert caught.value.retry_after == 30 and caught.value.headers == {"Retry-After": "30"}
@@ -140,6 +140,19 @@ def test_budget_bounds_total_time():
         res.call(fn)
     assert time.monotonic() - start <= 0.5 + 0.05
     assert len(fn.calls) > 3
+
+
+def test_no_new_attempt_that_would_overrun_the_budget():
+    res, _ = make({"budget_s": 0.5})
+
+    def slow_failure():
+        time.sleep(0.3)
+        raise upstream(504)
+
+    start = time.monotonic()
+    with pytest.raises(UpstreamError, match="after 1 attempt in 0.3 s"):
+        res.call(slow_failure)
+    assert time.monotonic() - start < 0.45
 
 
 # -- circuit breaker -----------------------------------------------------------
@@ -302,6 +315,15 @@ def test_openai_budget_exhaustion_names_the_status(fake, backend):
     with pytest.raises(UpstreamError, match=r"openai upstream returned 503 \(injected 503\) after \d+ attempts"):
         res.call(backend.embed, ["a"], "query")
     assert time.monotonic() - start <= 0.6 + 0.1
+
+
+def test_openai_timeouts_stay_within_the_budget(fake, backend):
+    fake.always(slow(1.0))
+    res, _ = make({"budget_s": 0.8})
+    start = time.monotonic()
+    with pytest.raises(UpstreamError, match=r"timed out \(timeout_s=0.3\) after 2 attempts"):
+        res.call(backend.embed, ["a"], "query")
+    assert time.monotonic() - start < 0.8
 
 
 def test_openai_wrong_key_is_not_retried(fake, backend):

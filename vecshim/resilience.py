@@ -84,7 +84,8 @@ class Resilience:
 
     Only `UpstreamError`s with `retryable=True` are retried, after a
     full-jitter exponential backoff that is at least the error's
-    `retry_after`. Consecutive retryable failures other than 429 open the
+    `retry_after`, and only while the wait plus another attempt as long as
+    the last one fit in the budget. Consecutive retryable failures other than 429 open the
     circuit: a 429 means the upstream is up and pacing us, which backoff
     handles. `on_event(kind)` is called with "call" (an attempt starts),
     "retry" (a failed attempt will be retried), "429" (the upstream said
@@ -128,16 +129,18 @@ class Resilience:
         while True:
             attempt += 1
             self._admit()
+            began = time.monotonic()
             try:
                 result = self._attempt(fn, args, kwargs, deadline)
             except UpstreamError as err:
                 self._record(err)
                 if not err.retryable:
                     raise
-                elapsed = time.monotonic() - start
+                now = time.monotonic()
                 delay = self._delay(attempt, err.retry_after)
-                if attempt >= self.retry.max_attempts or elapsed + delay > self.retry.budget_s:
-                    raise self._give_up(err, attempt, elapsed, delay) from err
+                # A next attempt as slow as this one (a timeout, say) must still fit the budget.
+                if attempt >= self.retry.max_attempts or now + delay + (now - began) > deadline:
+                    raise self._give_up(err, attempt, now - start, delay) from err
                 self._on_event("retry")
                 time.sleep(delay)
                 continue
@@ -169,7 +172,7 @@ class Resilience:
     def _give_up(self, err: UpstreamError, attempt: int, elapsed: float, delay: float) -> UpstreamError:
         message = f"{err.message} after {attempt} attempt{'s' if attempt > 1 else ''} in {elapsed:.1f} s"
         if attempt < self.retry.max_attempts:
-            message += f" (next try in {delay:.1f} s would exceed the {self.retry.budget_s:g} s budget)"
+            message += f" (another attempt after {delay:.1f} s would not fit the {self.retry.budget_s:g} s budget)"
         final = UpstreamError(message, upstream_status=err.upstream_status,
                               retry_after=err.retry_after, retryable=True)
         if err.retry_after is not None:

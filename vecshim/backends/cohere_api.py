@@ -142,7 +142,7 @@ class CohereBackend(Backend):
         """Turn an SDK or httpx exception into an error whose message never holds the key."""
         httpx = self._httpx
         if isinstance(exc, httpx.TimeoutException):
-            return UpstreamError(f"cohere upstream timed out after {self.options.timeout_s:g} s",
+            return UpstreamError(f"cohere upstream timed out (timeout_s={self.options.timeout_s:g})",
                                  retryable=True)
         if isinstance(exc, httpx.TransportError):
             return UpstreamError(f"cohere upstream connection failed ({type(exc).__name__})",

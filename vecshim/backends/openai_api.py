@@ -158,7 +158,7 @@ class OpenAIBackend(Backend):
         """Turn an SDK exception into an error whose message never holds the key."""
         openai = self._openai
         if isinstance(exc, openai.APITimeoutError):
-            return UpstreamError(f"openai upstream timed out after {self.options.timeout_s:g} s",
+            return UpstreamError(f"openai upstream timed out (timeout_s={self.options.timeout_s:g})",
                                  retryable=True)
         if isinstance(exc, openai.APIConnectionError):
             cause = type(exc.__cause__).__name__ if exc.__cause__ else "connection error"
