@@ -20,8 +20,11 @@ MAX_DETAIL = 300
 
 def resolve_api_key(api_key: SecretStr | None, api_key_file: Path | None,
                     env_names: Sequence[str], backend: str) -> str | None:
-    """Return the key from the option, the key file or the first set env variable."""
-    if api_key is not None:
+    """Return the key from the option, the key file or the first set env variable.
+
+    An empty `api_key` (say, from an unset `${VAR:-}`) counts as not set.
+    """
+    if api_key is not None and api_key.get_secret_value():
         return api_key.get_secret_value()
     if api_key_file is not None:
         try:
