@@ -134,8 +134,8 @@ class TieredCache:
 
     def get_many(self, keys: Sequence[bytes]) -> list[np.ndarray | None]:
         """Look keys up in memory, then the misses in Redis."""
-        found = self.memory.get_many(keys) if self.memory else [None] * len(keys)
-        if self.redis:
+        found = self.memory.get_many(keys) if self.memory is not None else [None] * len(keys)
+        if self.redis is not None:
             missing = [i for i, v in enumerate(found) if v is None]
             if missing:
                 got = self.redis.get_many([keys[i] for i in missing])
@@ -144,20 +144,20 @@ class TieredCache:
                     if v is not None:
                         found[i] = v
                         back.append((keys[i], v))
-                if back and self.memory:
+                if back and self.memory is not None:
                     self.memory.set_many(back)
         return found
 
     def set_many(self, items: Sequence[tuple[bytes, np.ndarray]]) -> None:
         """Store in every tier."""
-        if self.memory:
+        if self.memory is not None:
             self.memory.set_many(items)
-        if self.redis:
+        if self.redis is not None:
             self.redis.set_many(items)
 
     def close(self) -> None:
         """Close the Redis connection, if any."""
-        if self.redis:
+        if self.redis is not None:
             self.redis.close()
 
 
