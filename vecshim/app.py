@@ -7,10 +7,11 @@ import os
 import re
 import threading
 import time
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable
 
-from flask import Flask
+from flask import Flask, g, has_request_context, request
 from werkzeug.exceptions import HTTPException
 
 from . import __version__
@@ -19,7 +20,11 @@ from .config import Config, load_config, parse_config
 from .errors import ConfigError, UnknownModelError, VecshimError
 from .model import Model, build_backend
 from .plugins import collect_backends, get_plugin_manager, plugin_infos
+from .api import compat, openai, ops, weaviate
+from .api import metrics as metrics_api
 from .api.common import json_response
+from .logs import configure_logging, new_request_id, request_id_var
+from .metrics import Stats
 
 __all__ = ["create_app", "State", "build_models"]
 
@@ -53,9 +58,27 @@ class State:
         if name is None:
             name = self.config.default_model
         try:
-            return self.models[name]
+            model = self.models[name]
         except KeyError:
             raise UnknownModelError(name, self.models) from None
+        if has_request_context():
+            g.vecshim_model = name  # labels metrics and the access log
+        return model
+
+    @cached_property
+    def model_names(self) -> dict[str, str]:
+        """Every name a model answers to on the OpenAI/Ollama routes -> its configured name."""
+        aliases = {alias: name for name, m in self.config.models.items() for alias in m.aliases}
+        return {**{name: name for name in self.models}, **{a: n for a, n in aliases.items() if a not in self.models}}
+
+    def resolve_model(self, name: str | None) -> Model:
+        """A model by configured name or alias (None: the default); unknown names list every name."""
+        if name is None:
+            return self.get_model(None)
+        names = self.model_names
+        if name not in names:
+            raise UnknownModelError(name, names)
+        return self.get_model(names[name])
 
     def not_ready_reason(self, name: str | None = None) -> str | None:
         """Why the server (or one model) can't serve yet; None when ready."""
@@ -185,6 +208,8 @@ def _register_errors(app: Flask) -> None:
         return json_response({"error": err.message}, err.status, err.headers)
 
     def http_error(err: HTTPException):
+        if openai.wants_openai_errors(request.path):  # unrouted 404/405 under /v1
+            return openai.openai_http_error(err)
         headers = {k: v for k, v in err.get_headers() if k.lower() == "allow"}
         return json_response({"error": f"{err.code} {err.name}: {err.description}"}, err.code or 500, headers)
 
@@ -195,6 +220,31 @@ def _register_errors(app: Flask) -> None:
     app.register_error_handler(VecshimError, vecshim_error)
     app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(Exception, unexpected)
+
+
+def _register_request_hooks(app: Flask, state: State) -> None:
+    access = logging.getLogger("vecshim.access")
+
+    @app.before_request
+    def start_request():
+        g.vecshim_start = time.perf_counter()
+        g.request_id = new_request_id(request.headers.get("X-Request-ID"))
+        request_id_var.set(g.request_id)
+
+    @app.after_request
+    def finish_request(response):
+        elapsed = time.perf_counter() - g.get("vecshim_start", time.perf_counter())
+        response.headers["X-Request-ID"] = g.get("request_id", "")
+        route = request.url_rule.rule if request.url_rule else "<unmatched>"
+        model = g.get("vecshim_model", "-")
+        if state.stats is not None:
+            state.stats.requests.labels(route, model, str(response.status_code)).inc()
+            state.stats.latency.labels(route, model).observe(elapsed)
+        access.info("%s %s %d %.1f ms", request.method, request.path, response.status_code, elapsed * 1000,
+                    extra={"method": request.method, "path": request.path, "status": response.status_code,
+                           "ms": round(elapsed * 1000, 2), "model": model, "remote": request.remote_addr,
+                           "bytes": response.calculate_content_length()})
+        return response
 
 
 def create_app(config: Config | dict | str | os.PathLike | None = None, *, plugins: Iterable[object] = (),
@@ -214,7 +264,9 @@ def create_app(config: Config | dict | str | os.PathLike | None = None, *, plugi
     pm = get_plugin_manager(dirs=cfg.plugins.dirs, disable=cfg.plugins.disable, plugins=plugins,
                             load_entrypoints=entrypoints, base_dir=base_dir)
     registry = collect_backends(pm)
-    cache = build_cache(cfg.cache)
+    configure_logging(cfg.logging, cfg.secrets())
+    stats = stats if stats is not None else Stats()
+    cache = build_cache(cfg.cache, on_redis_error=stats.redis_error)
     models = build_models(cfg, registry, cache, stats)
 
     app = Flask("vecshim")
@@ -225,8 +277,12 @@ def create_app(config: Config | dict | str | os.PathLike | None = None, *, plugi
     state = State(cfg, pm, registry, models, cache, stats)
     app.extensions["vecshim"] = state
     _register_errors(app)
-    from .api import weaviate
+    _register_request_hooks(app, state)
     app.register_blueprint(weaviate.bp)
+    app.register_blueprint(openai.bp)
+    app.register_blueprint(compat.bp)
+    app.register_blueprint(ops.bp)
+    app.register_blueprint(metrics_api.bp)
     if load:
         state.start_loading()
     return app

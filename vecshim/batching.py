@@ -101,6 +101,7 @@ class Batcher:
                  backend_max_size: int | None = None, max_batch_tokens: int | None = None,
                  cost: tuple[float, float, float] | None = None,
                  on_batch: Callable[[int, float, float], None] | None = None,
+                 on_depth: Callable[[int], None] | None = None,
                  thread_init: Callable[[], None] | None = None):
         self.name = name
         self.embed_fn = embed_fn
@@ -111,6 +112,7 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.cost = cost
         self.on_batch = on_batch
+        self.on_depth = on_depth
         self.thread_init = thread_init
         self._queue: list[Item] = []
         self._cond = threading.Condition()
@@ -141,6 +143,9 @@ class Batcher:
                 raise Overloaded(f"model {self.name!r} has {len(self._queue)} texts queued; retry later")
             self._queue.extend(items)
             self._cond.notify(len(items))
+            depth = len(self._queue)
+        if self.on_depth:
+            self.on_depth(depth)
         return items
 
     def wait(self, items: Sequence[Item], timeout: float) -> list:
@@ -184,7 +189,9 @@ class Batcher:
             self._busy += len(batch)
             if rest:
                 self._cond.notify()
-            return batch
+        if self.on_depth:
+            self.on_depth(len(rest))
+        return batch
 
     def _run(self) -> None:
         if self.thread_init:

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+import threading
+from pathlib import Path
 
 from . import __version__
-from .errors import ConfigError
+from .errors import ConfigError, VecshimError
 
 __all__ = ["main"]
 
@@ -17,19 +20,34 @@ def _config(path: str | None):
     return load_config(path)
 
 
+def _base_dir(path: str | None) -> Path | None:
+    """The folder relative `plugins.dirs` resolve against: the config file's."""
+    path = path or os.environ.get("VECSHIM_CONFIG")
+    return Path(path).resolve().parent if path else None
+
+
 def cmd_serve(args) -> int:
     """Validate the config, then run gunicorn with vecshim's defaults."""
-    from .server import DEFAULTS, VecshimServer, default_workers
+    from .server import (DEFAULTS, VecshimServer, default_workers, prepare_metrics_dir,
+                         read_gunicorn_config, remove_metrics_dir)
 
-    cfg = _config(args.config)
-    workers = args.workers or default_workers(cfg)
-    settings = dict(DEFAULTS, bind=args.bind, workers=workers)
-    if args.threads:
-        settings["threads"] = args.threads
-    if args.gunicorn_config:
-        settings["config"] = args.gunicorn_config
-    path = os.path.abspath(args.config) if args.config else os.environ.get("VECSHIM_CONFIG")
-    VecshimServer(path, settings).run()
+    metrics_dir = prepare_metrics_dir()  # before anything imports prometheus_client
+    try:
+        cfg = _config(args.config)
+        # Precedence: flags, then $VECSHIM_BIND, then the gunicorn config file, then vecshim's defaults.
+        settings = dict(DEFAULTS, workers=default_workers(cfg, _base_dir(args.config)))
+        if args.gunicorn_config:
+            settings.update(read_gunicorn_config(args.gunicorn_config))
+        if args.bind or os.environ.get("VECSHIM_BIND"):
+            settings["bind"] = args.bind or os.environ["VECSHIM_BIND"]
+        if args.workers:
+            settings["workers"] = args.workers
+        if args.threads:
+            settings["threads"] = args.threads
+        path = os.path.abspath(args.config) if args.config else os.environ.get("VECSHIM_CONFIG")
+        VecshimServer(path, settings).run()
+    finally:
+        remove_metrics_dir(metrics_dir)
     return 0
 
 
@@ -38,7 +56,7 @@ def cmd_config_check(args) -> int:
     from .server import default_workers
 
     cfg = _config(args.file)
-    default_workers(cfg)
+    default_workers(cfg, _base_dir(args.file))
     print(f"ok: {len(cfg.models)} model(s): {', '.join(cfg.models)}; default {cfg.default_model!r}")
     return 0
 
@@ -48,7 +66,9 @@ def cmd_backends(args) -> int:
     from .plugins import collect_backends, get_plugin_manager, plugin_infos
 
     cfg = _config(args.config) if args.config else None
-    pm = get_plugin_manager(dirs=cfg.plugins.dirs if cfg else (), disable=cfg.plugins.disable if cfg else ())
+    pm = get_plugin_manager(dirs=cfg.plugins.dirs if cfg else (), disable=cfg.plugins.disable if cfg else (),
+                            load_entrypoints=cfg.plugins.entrypoints if cfg else True,
+                            base_dir=_base_dir(args.config))
     reg = collect_backends(pm)
     out = {"backends": [{"name": n, "plugin": reg.owners[n], "class": f"{c.__module__}.{c.__qualname__}",
                          "options": sorted(c.Options.model_fields)} for n, c in sorted(reg.backends.items())],
@@ -68,21 +88,47 @@ def _progress(done: int, total: int) -> None:
     sys.stderr.flush()
 
 
+def _load(model, timeout: float) -> str | None:
+    """Load one model within `timeout` seconds; return why it failed, or None."""
+    failed: list[Exception] = []
+
+    def run():
+        try:
+            model.load()
+        except Exception as err:
+            failed.append(err)
+
+    loader = threading.Thread(target=run, name="vecshim-loader", daemon=True)
+    loader.start()
+    loader.join(timeout)
+    if loader.is_alive():
+        return f"model {model.name!r} did not load within {timeout:g} s"
+    if failed:
+        err = failed[0]
+        msg = err.message if isinstance(err, VecshimError) else str(err)
+        return f"model {model.name!r} failed to load: {type(err).__name__}: {msg}"
+    return None
+
+
 def cmd_embed(args) -> int:
     """Embed texts (arguments, or stdin lines) and print JSON lines."""
     from .app import create_app
 
     texts = args.texts or [line.rstrip("\n") for line in sys.stdin]
     texts = [t for t in texts if t]
-    app = create_app(args.config)
+    # Load only the model asked for: a broken or slow other model must not block it.
+    app = create_app(args.config, load=False)
     state = app.extensions["vecshim"]
-    model = state.get_model(args.model)
-    if not state.wait_ready(args.timeout):
-        print(f"error: {state.not_ready_reason()}", file=sys.stderr)
-        return 1
+    if not args.verbose:  # stderr is for the progress bar and errors
+        logging.getLogger("vecshim").setLevel(logging.WARNING)
     show = sys.stderr.isatty() and len(texts) > 100 and not args.quiet
     step = 256
     try:
+        model = state.get_model(args.model)
+        problem = _load(model, args.timeout)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
         for start in range(0, len(texts), step):
             chunk = texts[start:start + step]
             for text, vec in zip(chunk, model.embed(chunk, args.task, args.dimensions)):
@@ -104,10 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="serve the configured models with gunicorn")
     s.add_argument("--config", "-c", help="YAML config (default: $VECSHIM_CONFIG or the bundled model)")
-    s.add_argument("--bind", "-b", default=os.environ.get("VECSHIM_BIND", "0.0.0.0:8080"), help="HOST:PORT")
+    s.add_argument("--bind", "-b", help="HOST:PORT (default: $VECSHIM_BIND or 0.0.0.0:8080)")
     s.add_argument("--workers", "-w", type=int, help="gunicorn workers (default: 1 for local models, else 2)")
     s.add_argument("--threads", type=int, help="threads per worker (default 64)")
-    s.add_argument("--gunicorn-config", help="extra gunicorn config file (python)")
+    s.add_argument("--gunicorn-config", help="gunicorn config file (python); overrides vecshim's defaults")
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("config", help="configuration tools")
@@ -129,6 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dimensions", type=int)
     e.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the model to load")
     e.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    e.add_argument("--verbose", "-v", action="store_true", help="log model loading to stderr")
     e.set_defaults(func=cmd_embed)
     return p
 
@@ -141,6 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"config error:\n{err.message}", file=sys.stderr)
         return 2
+    except VecshimError as err:
+        print(f"error: {err.message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -129,11 +129,14 @@ class Model:
                 max_wait_ms=self.cfg.batch.max_wait_ms, workers=workers,
                 max_queue=self.cfg.batch.max_queue, backend_max_size=self.backend.max_batch_size,
                 max_batch_tokens=self.backend.max_batch_tokens, cost=self.backend.batch_cost,
-                on_batch=self.stats.batch_observer(self.name) if self.stats else None)
+                on_batch=self.stats.batch_observer(self.name) if self.stats else None,
+                on_depth=self.stats.depth_observer(self.name) if self.stats else None)
         # A cold model may be slow on its first call: allow more than a request gets.
         vec = self.batcher.wait(self.batcher.submit([WARMUP_TEXT], [8], "passage"), max(self.cfg.timeout_s, 120))[0]
         self.dimension = int(vec.shape[0])
         self.load_seconds = time.monotonic() - start
+        if self.stats:
+            self.stats.load_seconds.labels(self.name).set(self.load_seconds)
         self.state, self.error = "ready", None
         self._ready.set()
         log.info("model %r ready: backend %s, dimension %d, loaded in %.1f s",
@@ -184,6 +187,10 @@ class Model:
         """Embed texts for a task; return one float32 vector per text."""
         if task not in TASKS:
             raise BadRequest(f"task_type must be one of {', '.join(TASKS)}, got {task!r}")
+        if not self.ready and self.state == "loading":
+            # Another gunicorn worker may have answered the readiness probe
+            # while this one is still warming up: wait rather than fail.
+            self._ready.wait(self.cfg.timeout_s)
         if not self.ready:
             raise BackendUnavailable(f"model {self.name!r} is not ready ({self.error or self.state})")
         dims = self.check_dimensions(dimensions)

@@ -2,10 +2,17 @@
 from __future__ import annotations
 
 import os
+import runpy
+import shutil
+import signal
+import tempfile
+from pathlib import Path
 
 from gunicorn.app.base import BaseApplication
 
-__all__ = ["DEFAULTS", "VecshimServer", "default_workers"]
+from .errors import ConfigError
+
+__all__ = ["DEFAULTS", "VecshimServer", "default_workers", "read_gunicorn_config"]
 
 #: Settings `vecshim serve` passes to gunicorn (see docs/operations.md).
 DEFAULTS = {
@@ -18,7 +25,8 @@ DEFAULTS = {
     "keepalive": 120,
     "timeout": 120,
     "graceful_timeout": 30,
-    "accesslog": "-",
+    # The app writes its own access log lines, in the app's log format.
+    "accesslog": None,
     "errorlog": "-",
     "preload_app": False,  # load models after fork, never in the master
     "max_requests": 0,
@@ -29,18 +37,89 @@ DEFAULTS = {
 }
 
 
-def default_workers(config) -> int:
-    """One worker when a model runs in-process (torch already uses every core), else 2."""
+def default_workers(config, base_dir: Path | None = None) -> int:
+    """One worker when a model runs in-process (torch already uses every core), else 2.
+
+    `base_dir` is the config file's folder, against which relative plugin dirs resolve.
+    """
     from .app import build_models
     from .plugins import collect_backends, get_plugin_manager
 
     pm = get_plugin_manager(dirs=config.plugins.dirs, disable=config.plugins.disable,
-                            load_entrypoints=config.plugins.entrypoints)
+                            load_entrypoints=config.plugins.entrypoints, base_dir=base_dir)
     registry = collect_backends(pm)
     build_models(config, registry, cache=None)  # validates options before forking
     if any(registry.get(m.backend).in_process for m in config.models.values()):
         return 1
     return 2
+
+
+def read_gunicorn_config(path: str) -> dict:
+    """The gunicorn settings a python config file sets (as `gunicorn -c FILE` reads them)."""
+    from gunicorn.config import KNOWN_SETTINGS
+
+    known = {s.name for s in KNOWN_SETTINGS}
+    try:
+        values = runpy.run_path(path)
+    except Exception as err:
+        raise ConfigError(f"gunicorn config {path}: {type(err).__name__}: {err}") from None
+    return {k.lower(): v for k, v in values.items() if k.lower() in known}
+
+
+def _state(worker):
+    app = getattr(worker, "wsgi", None)
+    return getattr(app, "extensions", {}).get("vecshim")
+
+
+def post_worker_init(worker):
+    """On SIGTERM turn readiness 503 at once, then let gunicorn drain gracefully."""
+    state = _state(worker)
+    previous = worker.handle_exit
+
+    def on_term(sig, frame):
+        if state is not None:
+            state.draining = True
+        previous(sig, frame)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
+def worker_exit(server, worker):
+    """After in-flight requests finished: drain model queues, close caches."""
+    state = _state(worker)
+    if state is not None:
+        state.close(timeout=server.cfg.graceful_timeout)
+
+
+def child_exit(server, worker):
+    """Drop a dead worker's live gauges from the shared metrics directory."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if path:
+        from prometheus_client import multiprocess
+        multiprocess.mark_process_dead(worker.pid, path)
+
+
+def prepare_metrics_dir() -> str | None:
+    """Give the workers one shared metrics folder (must exist before any worker imports prometheus_client).
+
+    Returns the folder we created (to remove on exit), or None if the
+    operator set PROMETHEUS_MULTIPROC_DIR themselves.
+    """
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
+        return None
+    path = tempfile.mkdtemp(prefix="vecshim-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path
+
+
+def remove_metrics_dir(path: str | None) -> None:
+    """Remove a metrics folder made by prepare_metrics_dir."""
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+HOOKS = {"post_worker_init": post_worker_init, "worker_exit": worker_exit, "child_exit": child_exit}
 
 
 class VecshimServer(BaseApplication):
@@ -52,8 +131,8 @@ class VecshimServer(BaseApplication):
         super().__init__()
 
     def load_config(self):
-        for key, value in self.settings.items():
-            if value is not None and key in self.cfg.settings:
+        for key, value in {**HOOKS, **self.settings}.items():
+            if key in self.cfg.settings and (value is not None or key == "accesslog"):
                 self.cfg.set(key, value)
 
     def load(self):
