@@ -1,0 +1,29 @@
+"""Hugging Face feature-extraction wire format as text2vec-huggingface sends it (CONTRACTS.md §4)."""
+from __future__ import annotations
+
+import json
+from typing import Sequence
+
+import numpy as np
+
+from ..errors import BadRequest
+from .inputs import InvalidField, parse_texts
+from .weaviate import parse_json_body
+
+__all__ = ["parse_feature_request", "render_feature_reply"]
+
+
+def parse_feature_request(raw: bytes) -> list[str]:
+    """The texts of a `{"inputs": ..., "options": {...}}` body; `options` is accepted and ignored."""
+    body = parse_json_body(raw)
+    if not isinstance(body, dict):
+        raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
+    options = body.get("options")
+    if options is not None and not isinstance(options, dict):
+        raise InvalidField("options", f"field 'options' must be an object, got {type(options).__name__}")
+    return parse_texts(body.get("inputs"), "inputs")
+
+
+def render_feature_reply(vectors: Sequence[np.ndarray]) -> bytes:
+    """The 200 body: a bare `[[f32, ...], ...]`, the first shape Weaviate's client tries."""
+    return json.dumps([v.tolist() for v in vectors], separators=(",", ":")).encode()
