@@ -7,7 +7,7 @@ TORCH_PIP_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: setup serve test test-fast bench redis-server clean
+.PHONY: setup serve test test-fast bench system-deps clean
 
 setup: $(VENV)/.installed
 
@@ -22,13 +22,18 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 serve: setup
 	$(BIN)/vecshim serve --bind 0.0.0.0:8080 $(if $(CONFIG),--config $(CONFIG))
 
-# Tests start their own redis-server; install it if this machine has none.
-redis-server:
-	@command -v redis-server >/dev/null || { \
+# Tests start their own redis-server and render /docs in headless Chromium;
+# install both from Debian packages if this machine lacks them.
+system-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v chromium >/dev/null || missing="$$missing chromium"; \
+	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq redis-server >/dev/null; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
 
-test: setup redis-server
+test: setup system-deps
 	$(BIN)/python -m pytest
 
 test-fast: setup
