@@ -265,6 +265,9 @@ def create_app(config: Config | dict | str | os.PathLike | None = None, *, plugi
                             load_entrypoints=entrypoints, base_dir=base_dir)
     registry = collect_backends(pm)
     configure_logging(cfg.logging, cfg.secrets())
+    if cfg.server.auth.embed_tokens:
+        log.warning("server.auth.embed_tokens is set: Weaviate's text2vec-transformers client sends no "
+                    "Authorization header, so /vectors needs a proxy that adds one (see docs/operations.md)")
     stats = stats if stats is not None else Stats()
     cache = build_cache(cfg.cache, on_redis_error=stats.redis_error)
     models = build_models(cfg, registry, cache, stats)

@@ -116,10 +116,11 @@ class Model:
     def load(self) -> None:
         """Load the backend, start the batcher and embed one warm-up text."""
         start = time.monotonic()
+        workers = self.cfg.batch.workers or self.backend.concurrency or 1
+        self.backend.concurrency = workers  # a local backend sizes its threads per worker
         self.backend.load()
         from .resilience import Resilience  # the core wraps every backend call
 
-        workers = self.cfg.batch.workers or self.backend.concurrency or 1
         self.resilience = Resilience(self.cfg.retry, self.cfg.circuit,
                                      self.cfg.max_concurrency, self.name,
                                      on_event=self.stats.upstream_event(self.name) if self.stats else None)

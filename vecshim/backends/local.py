@@ -23,6 +23,21 @@ _BUNDLED_ALIASES = {BUNDLED_MODEL, "all-MiniLM-L6-v2", "bundled"}
 DEFAULT_COST = (0.0015, 2.4e-5, 6e-8)
 
 
+def available_cpus() -> int:
+    """CPUs this process may use: affinity mask and cgroup quota, not the node's core count."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    try:  # cgroup v2 quota, e.g. "200000 100000" for a 2-CPU container limit
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
 def resolve_model(name: str) -> tuple[str, bool]:
     """Return (path or hub id, bundled?) for a configured model name."""
     if name in _BUNDLED_ALIASES:
@@ -69,7 +84,7 @@ class SentenceTransformersBackend(Backend):
         self.path, self.bundled = resolve_model(options.model)
         self.model_id = BUNDLED_MODEL if self.bundled else options.model
         self.matryoshka = options.matryoshka
-        self.concurrency = (os.cpu_count() or 1) if options.device == "cpu" else 1
+        self.concurrency = available_cpus() if options.device == "cpu" else 1
         self._model = None
         self._counter = None
         self._tok_lock = threading.Lock()
@@ -84,7 +99,7 @@ class SentenceTransformersBackend(Backend):
             raise ConfigError("backend 'sentence-transformers' needs: pip install 'vecshim[local]'") from None
         opts = self.options
         if opts.device == "cpu":
-            threads = opts.threads or max(1, (os.cpu_count() or 1) // (self.concurrency or 1))
+            threads = opts.threads or max(1, available_cpus() // (self.concurrency or 1))
             torch.set_num_threads(threads)
         if self.bundled or Path(self.path).is_dir():
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
