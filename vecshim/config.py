@@ -5,6 +5,7 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -22,6 +23,14 @@ ENV_CONFIG = "VECSHIM_CONFIG"
 DEFAULT_MODEL_NAME = "minilm"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}|\$\$")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class _PathError(ValueError):
+    """A cross-field config error that belongs to one key (`path`), not to the root."""
+
+    def __init__(self, path: str, message: str):
+        super().__init__(message)
+        self.path = path
 
 
 class _Strict(BaseModel):
@@ -136,16 +145,16 @@ class Config(_Strict):
             self.models = {DEFAULT_MODEL_NAME: ModelConfig(backend="sentence-transformers")}
         for name in self.models:
             if not re.match(_NAME, name):
-                raise ValueError(f"model name {name!r} must match {_NAME}")
+                raise _PathError(f"models.{name}", f"model name {name!r} must match {_NAME}")
         if self.default_model is None:
             self.default_model = next(iter(self.models))
         if self.default_model not in self.models:
-            raise ValueError(
-                f"default_model {self.default_model!r} is not in models ({', '.join(self.models)})")
+            raise _PathError("default_model",
+                             f"{self.default_model!r} is not in models ({', '.join(self.models)})")
         for name, model in self.models.items():
             for fb in model.fallbacks:
                 if fb not in self.models or fb == name:
-                    raise ValueError(f"models.{name}.fallbacks: {fb!r} is not another configured model")
+                    raise _PathError(f"models.{name}.fallbacks", f"{fb!r} is not another configured model")
         return self
 
     def secrets(self) -> list[str]:
@@ -155,8 +164,10 @@ class Config(_Strict):
             for key, value in model.options.items():
                 if isinstance(value, str) and value and re.search(r"key|token|secret|password", key, re.I):
                     found.append(value)
-        if self.cache.redis_url and "@" in self.cache.redis_url:
-            found.append(self.cache.redis_url.split("@", 1)[0].rsplit(":", 1)[-1])
+        if self.cache.redis_url:
+            password = urlsplit(self.cache.redis_url).password
+            if password:
+                found.append(password)
         return [s for s in found if len(s) >= 4]
 
 
@@ -166,7 +177,7 @@ def expand_env(value: Any, env: dict[str, str] | None = None, *, path: str = "")
     if isinstance(value, dict):
         return {k: expand_env(v, env, path=f"{path}.{k}" if path else str(k)) for k, v in value.items()}
     if isinstance(value, list):
-        return [expand_env(v, env, path=f"{path}.{i}") for i, v in enumerate(value)]
+        return [expand_env(v, env, path=f"{path}.{i}" if path else str(i)) for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
@@ -183,12 +194,19 @@ def expand_env(value: Any, env: dict[str, str] | None = None, *, path: str = "")
     return _VAR.sub(sub, value)
 
 
-def format_validation_error(err: ValidationError) -> str:
-    """Render pydantic errors as `path.to.key: message` lines."""
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    """Render pydantic errors as `path.to.key: message` lines (paths under `prefix`)."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        lines.append(f"{loc}: {e['msg']}")
+        parts = [prefix, *(str(p) for p in e["loc"])]
+        msg = e["msg"]
+        cause = (e.get("ctx") or {}).get("error")
+        if e["type"] == "value_error" and isinstance(cause, ValueError):
+            msg = str(cause)  # drop pydantic's "Value error, " prefix
+            if isinstance(cause, _PathError):
+                parts.append(cause.path)
+        loc = ".".join(p for p in parts if p) or "<root>"
+        lines.append(f"{loc}: {msg}")
     return "\n".join(lines)
 
 

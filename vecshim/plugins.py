@@ -55,11 +55,22 @@ def _load_file(pm: pluggy.PluginManager, path: Path) -> None:
         return
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    # dataclasses and pydantic look a class's module up in sys.modules.
+    sys.modules[name] = module
     try:
         spec.loader.exec_module(module)
     except Exception as err:
+        del sys.modules[name]
         raise ConfigError(f"plugin file {path} failed to import: {type(err).__name__}: {err}") from err
-    pm.register(module, path.stem)
+    _register(pm, module, path.stem)
+
+
+def _register(pm: pluggy.PluginManager, plugin: object, name: str | None = None) -> None:
+    # A hookimpl whose arguments don't match the hookspec fails here, not at first call.
+    try:
+        pm.register(plugin, name)
+    except (pluggy.PluginValidationError, ValueError) as err:
+        raise ConfigError(f"plugin {name or plugin!r}: {err}") from None
 
 
 def _load_entrypoints(pm: PluginManager) -> None:
@@ -74,7 +85,7 @@ def _load_entrypoints(pm: PluginManager) -> None:
                 raise ConfigError(
                     f"plugin {ep.name!r} from {dist.metadata['Name']} failed to load: "
                     f"{type(err).__name__}: {err}") from err
-            pm.register(plugin, name=ep.name)
+            _register(pm, plugin, ep.name)
             pm.versions[ep.name] = dist.version
 
 
@@ -106,7 +117,7 @@ def get_plugin_manager(*, dirs: Iterable[str | Path] = (), disable: Iterable[str
     if load_entrypoints:
         _load_entrypoints(pm)
     for plugin in plugins:
-        pm.register(plugin)
+        _register(pm, plugin)
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as err:
@@ -126,6 +137,9 @@ def collect_backends(pm: pluggy.PluginManager) -> Registry:
             name = getattr(cls, "name", None)
             if not isinstance(name, str) or not name:
                 raise ConfigError(f"plugin {_owner!r}: backend {cls.__name__} has no name")
+            if inspect.isabstract(cls):
+                missing = ", ".join(sorted(cls.__abstractmethods__))
+                raise ConfigError(f"plugin {_owner!r}: backend {name!r} does not implement {missing}")
             if name in registry.backends:
                 raise ConfigError(
                     f"backend name {name!r} registered twice: by plugin {registry.owners[name]!r} "
@@ -133,7 +147,13 @@ def collect_backends(pm: pluggy.PluginManager) -> Registry:
             registry.backends[name] = cls
             registry.owners[name] = _owner
 
-        impl.function(register=register)
+        args = {"register": register}
+        try:
+            impl.function(*(args[a] for a in impl.argnames))
+        except ConfigError:
+            raise
+        except Exception as err:
+            raise ConfigError(f"plugin {owner!r} failed in register_backends: {type(err).__name__}: {err}") from err
     return registry
 
 
