@@ -99,10 +99,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float, want: int = 204) -> None:
-    """Poll `url` until it answers `want` (bounded)."""
+def wait_http(url: str, timeout: float, want: int = 204, proc=None) -> None:
+    """Poll `url` until it answers `want` (bounded); fail at once if `proc` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with code {proc.returncode} before {url} answered")
         with contextlib.suppress(OSError):
             with urllib.request.urlopen(url, timeout=1) as r:
                 if r.status == want:
@@ -120,7 +122,7 @@ def vecshim_serve(*args: str, env: dict | None = None, ready_timeout: float = 12
     proc = subprocess.Popen([str(VENV_BIN / "vecshim"), "serve", "--bind", f"127.0.0.1:{port}", *args],
                             env=full_env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_http(f"http://127.0.0.1:{port}/.well-known/ready", ready_timeout)
+        wait_http(f"http://127.0.0.1:{port}/.well-known/ready", ready_timeout, proc=proc)
         yield proc, port
     finally:
         if proc.poll() is None:

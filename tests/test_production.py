@@ -39,7 +39,7 @@ def start(tmp_path, config: dict, *args, ready=True):
                             stdout=log, stderr=subprocess.STDOUT, env=env)
     proc.port, proc.logfile = port, log
     if ready:
-        wait_http(f"http://127.0.0.1:{port}/.well-known/ready", 60)
+        wait_http(f"http://127.0.0.1:{port}/.well-known/ready", 60, proc=proc)
     return proc
 
 

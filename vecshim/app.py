@@ -173,7 +173,10 @@ def build_models(config: Config, registry, cache, stats=None) -> dict[str, Model
     """Validate every model's backend options and build the Model objects (no loading)."""
     models = {}
     for name, mcfg in config.models.items():
-        cls = registry.get(mcfg.backend)
+        try:
+            cls = registry.get(mcfg.backend)
+        except ConfigError as err:
+            raise ConfigError(f"models.{name}.backend: {err.message}") from None
         models[name] = Model(name, mcfg, build_backend(name, mcfg, cls), cache=cache, stats=stats)
     for name, m in models.items():
         m.fallbacks = [models[f] for f in config.models[name].fallbacks]

@@ -32,8 +32,7 @@ def build_backend(name: str, cfg: ModelConfig, cls: type[Backend]) -> Backend:
     try:
         options = cls.Options.model_validate(cfg.options)
     except ValidationError as err:
-        lines = format_validation_error(err).splitlines()
-        raise ConfigError("\n".join(f"models.{name}.options.{line}" for line in lines)) from None
+        raise ConfigError(format_validation_error(err, prefix=f"models.{name}.options")) from None
     return cls(options)
 
 
