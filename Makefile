@@ -7,7 +7,7 @@ TORCH_PIP_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: setup serve test test-fast bench system-deps clean
+.PHONY: setup serve test test-fast bench bench-hosted system-deps clean
 
 setup: $(VENV)/.installed
 
@@ -41,6 +41,10 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python bench/run_all.py
+
+# Issue 5: rate-limited fake OpenAI upstream, micro-batched vs one text per call.
+bench-hosted: setup
+	$(BIN)/python bench/hosted.py --duration 15 --max-size 32 --max-wait-ms 30
 
 clean:
 	rm -rf $(VENV) build *.egg-info

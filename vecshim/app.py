@@ -147,7 +147,7 @@ class State:
 
     def _check_fallbacks(self) -> None:
         for m in self.models.values():
-            for fb in m.fallbacks:
+            for fb in list(m.fallbacks):  # a copy: mismatches are removed as we go
                 if fb.ready and m.ready and fb.fingerprint != m.fingerprint:
                     m.fallbacks.remove(fb)
                     log.error("model %r: fallback %r has a different vector space (%s != %s); disabled",

@@ -91,9 +91,10 @@ def _is_transient(err: BaseException) -> bool:
 class Batcher:
     """One queue per model; worker threads take batches of same-key items.
 
-    A worker never waits when it finds a single item queued; otherwise it
-    waits up to `max_wait_ms` after the oldest item arrived for the batch to
-    fill to `max_size`. `embed_fn(texts, key)` returns one vector per text.
+    A worker does not wait when it finds a single item queued and the load is
+    sequential (nothing in flight, last batch of one); otherwise it waits up
+    to `max_wait_ms` after the oldest item arrived for the batch to fill to
+    `max_size`. `embed_fn(texts, key)` returns one vector per text.
     """
 
     def __init__(self, name: str, embed_fn: Callable[[list[str], Hashable], Sequence], *,
@@ -118,6 +119,7 @@ class Batcher:
         self._cond = threading.Condition()
         self._closed = False
         self._busy = 0
+        self._last_size = 0
         self._threads = [threading.Thread(target=self._run, name=f"vecshim-batch-{name}-{i}", daemon=True)
                          for i in range(workers)]
         for t in self._threads:
@@ -167,7 +169,10 @@ class Batcher:
                 if self._closed:
                     return None
                 self._cond.wait()
-            if len(self._queue) > 1 and self.max_wait > 0:
+            # Wait for company only under concurrent load: several texts queued, others
+            # in flight, or a last batch of several. Otherwise the first text to arrive
+            # after a batch returns goes alone, and calls carry 1 and n-1 texts in turn.
+            if self.max_wait > 0 and (len(self._queue) > 1 or self._busy or self._last_size > 1):
                 deadline = self._queue[0].enqueued + self.max_wait
                 while len(self._queue) < self.max_size and not self._closed:
                     left = deadline - time.monotonic()
@@ -187,6 +192,7 @@ class Batcher:
                     rest.append(it)
             self._queue = rest
             self._busy += len(batch)
+            self._last_size = len(batch)
             if rest:
                 self._cond.notify()
         if self.on_depth:

@@ -227,7 +227,9 @@ class Model:
             return self._run_here(texts, task)
         except (BackendError,) as err:
             for fb in self.fallbacks:
-                if not fb.ready:
+                # The loader drops mismatched fallbacks only once all models are up:
+                # check here too, so a different vector space is never served.
+                if not fb.ready or fb.fingerprint != self.fingerprint:
                     continue
                 log.warning("model %r failed (%s); using fallback %r", self.name, err.message, fb.name)
                 try:

@@ -287,6 +287,9 @@ class _Server(ThreadingHTTPServer):
 def _make_handler(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        # Headers and body go out in two writes; with Nagle on, the body waits
+        # for the client's delayed ACK (~40 ms on Linux) and inflates latency_s.
+        disable_nagle_algorithm = True
 
         def do_POST(self) -> None:
             fake._handle(self)
