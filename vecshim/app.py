@@ -136,6 +136,10 @@ class State:
                     m.load()
                 except Exception as err:  # keep serving /meta and readiness; retry below
                     m.state, m.error = "failed", _describe(err)
+                    try:  # the next attempt builds fresh clients; free these
+                        m.backend.close()
+                    except Exception:
+                        log.debug("closing model %r after a failed load also failed", m.name, exc_info=True)
                     log.error("model %r failed to load: %s (retrying in %.0f s)", m.name, m.error, delay)
                     failed.append(m)
                 self.render_meta()
