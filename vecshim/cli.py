@@ -1,4 +1,4 @@
-"""The `vecshim` command: serve, config check, backends, embed."""
+"""The `vecshim` command: serve, config check, backends, embed, plugin new."""
 from __future__ import annotations
 
 import argparse
@@ -142,6 +142,15 @@ def cmd_embed(args) -> int:
     return 0
 
 
+def cmd_plugin_new(args) -> int:
+    """Scaffold an installable plugin distribution."""
+    from .scaffold import create_plugin
+
+    root = create_plugin(args.name, args.dir)
+    print(f"created {root}\nnext: pip install -e '{root}[test]' && pytest {root}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree of the `vecshim` command."""
     p = argparse.ArgumentParser(prog="vecshim", description=__doc__)
@@ -177,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     e.add_argument("--verbose", "-v", action="store_true", help="log model loading to stderr")
     e.set_defaults(func=cmd_embed)
+
+    pl = sub.add_parser("plugin", help="tools for plugin authors")
+    plsub = pl.add_subparsers(dest="plugin_command", required=True)
+    pn = plsub.add_parser("new", help="scaffold an installable backend plugin (vecshim-NAME/)")
+    pn.add_argument("name", help="backend name, e.g. acme-embed")
+    pn.add_argument("--dir", default=".", help="folder to create vecshim-NAME/ in (default: .)")
+    pn.set_defaults(func=cmd_plugin_new)
     return p
 
 
