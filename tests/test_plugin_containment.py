@@ -100,9 +100,6 @@ def test_exception_is_contained(app):
     assert client.vectors("a normal text", base="/models/bad").status == 200
 
 
-@pytest.mark.xfail(strict=True, reason="vecshim/model.py passes a plugin's non-VecshimError through, so Flask's "
-                                       "catch-all answers 500; docs/guide.md promises 502. Fix: wrap it in "
-                                       "BackendError in Model._embed_batch (also lets fallbacks take over).")
 def test_exception_is_a_502(app):
     assert app.client().vectors("please raise", base="/models/bad").status == 502
 
