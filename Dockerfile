@@ -11,7 +11,10 @@
 #
 # Build args:
 #   VECSHIM_EXTRAS   extras of setup.cfg to install (comma-separated; drop `local`
-#                    for a hosted-API-only image without torch, ~10x smaller)
+#                    and `onnx` for a hosted-API-only image without torch, ~10x
+#                    smaller; drop `onnx` to serve the bundled model on torch)
+#   ONNX_EXPORT      runtimes exported into the image at build time (space-separated:
+#                    "onnx", "onnx onnx-int8", or "" for none), so no pod exports at start
 #   TORCH_VERSION    must match the pin of the `local` extra in setup.cfg
 #   TORCH_INDEX_URL  where the CPU-only torch wheel comes from
 # See docs/operations.md.
@@ -21,13 +24,15 @@ ARG PYTHON_IMAGE=python:3.11-slim
 # ---------------------------------------------------------------- builder ----
 FROM ${PYTHON_IMAGE} AS builder
 
-ARG VECSHIM_EXTRAS=local,openai,cohere,redis
+ARG VECSHIM_EXTRAS=local,onnx,openai,cohere,redis
+ARG ONNX_EXPORT=onnx
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1
+    PYTHONDONTWRITEBYTECODE=1 \
+    VECSHIM_ONNX_CACHE=/opt/vecshim/onnx
 
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
@@ -35,7 +40,7 @@ ENV PATH=/opt/venv/bin:$PATH
 # torch first, from the CPU index: otherwise sentence-transformers pulls the
 # multi-GB CUDA build. Only when the `local` extra is wanted.
 RUN case ",${VECSHIM_EXTRAS}," in \
-      *,local,*|*,all,*) pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" ;; \
+      *,local,*|*,onnx,*|*,all,*) pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}" ;; \
       *) echo "no local extra: skipping torch" ;; \
     esac
 
@@ -45,9 +50,17 @@ COPY pyproject.toml setup.cfg README.md ./
 COPY vecshim ./vecshim
 RUN pip install ".[${VECSHIM_EXTRAS}]"
 
+# Export (and int8-quantise) the bundled model for ONNX Runtime once, here: the
+# runtime stage reads /opt/vecshim/onnx and never exports at start.
+RUN mkdir -p /opt/vecshim/onnx \
+ && for rt in ${ONNX_EXPORT}; do \
+      case ",${VECSHIM_EXTRAS}," in *,onnx,*|*,all,*) ;; *) echo "ONNX_EXPORT needs the onnx extra" >&2; exit 1 ;; esac; \
+      HF_HUB_OFFLINE=1 HF_HOME=/tmp/hf python -c "import sys; from vecshim.backends.local import SentenceTransformersBackend as B; b = B(B.Options(runtime=sys.argv[1])); b.concurrency = 1; b.load()" "$rt" || exit 1; \
+    done
+
 # Fail the build, not the first pod, when the bundled model can't load offline.
 RUN case ",${VECSHIM_EXTRAS}," in \
-      *,local,*|*,all,*) HF_HUB_OFFLINE=1 HF_HOME=/tmp/hf vecshim embed --quiet "build check" > /dev/null \
+      *,local,*|*,onnx,*|*,all,*) HF_HUB_OFFLINE=1 HF_HOME=/tmp/hf vecshim embed --quiet "build check" > /dev/null \
                          && rm -rf /tmp/hf ;; \
       *) vecshim backends ;; \
     esac
@@ -65,6 +78,7 @@ RUN groupadd --system --gid 10001 vecshim \
  && mkdir -p /etc/vecshim
 
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /opt/vecshim/onnx /opt/vecshim/onnx
 
 # No VECSHIM_CONFIG here: without it vecshim serves the bundled model. Mount a
 # file at /etc/vecshim/config.yaml and set VECSHIM_CONFIG to use your own.
@@ -74,7 +88,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     HF_HUB_OFFLINE=1 \
     HF_HOME=/tmp/huggingface \
-    XDG_CACHE_HOME=/tmp/.cache
+    XDG_CACHE_HOME=/tmp/.cache \
+    VECSHIM_ONNX_CACHE=/opt/vecshim/onnx
 
 WORKDIR /srv/vecshim
 USER 10001:10001

@@ -11,6 +11,7 @@ from pydantic import Field
 from ..backend import Backend, BackendOptions
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
+from .runtimes import RUNTIME_MODULES, default_cache_dir
 
 __all__ = ["SentenceTransformersBackend", "BUNDLED_MODEL", "resolve_model"]
 
@@ -21,6 +22,17 @@ _BUNDLED_ALIASES = {BUNDLED_MODEL, "all-MiniLM-L6-v2", "bundled"}
 #: Fitted on this project's 2-core benchmark machine (bench/cost_model.json):
 #: seconds for one forward pass of n texts padded to L tokens, one thread.
 DEFAULT_COST = (0.0015, 2.4e-5, 6e-8)
+
+#: Per-runtime batching defaults (bench/runtimes.py, bench/RESULTS.md "Runtimes"):
+#: most texts per call and the (a, b, c) cost model the batcher splits by.
+RUNTIME_BATCH = {
+    "torch": {"max_batch_size": None, "cost": DEFAULT_COST},
+    "onnx": {"max_batch_size": None, "cost": DEFAULT_COST},
+    "onnx-int8": {"max_batch_size": None, "cost": DEFAULT_COST},
+}
+#: Runtime of the bundled model when `runtime: auto` and the onnx extra is installed:
+#: the fastest whose vectors match torch's (bench/RESULTS.md "Runtimes").
+BUNDLED_AUTO_RUNTIME = "onnx"
 
 
 def available_cpus() -> int:
@@ -67,6 +79,11 @@ class SentenceTransformersOptions(BackendOptions):
     #: Declare the model Matryoshka-trained so `dimensions` may truncate it.
     matryoshka: bool = False
     precision: Literal["float32"] = "float32"
+    #: Inference runtime: torch, ONNX Runtime fp32, or ONNX Runtime int8 (a different
+    #: vector space). auto: onnx for the bundled model when `vecshim[onnx]` is installed, else torch.
+    runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
+    #: Folder for exported ONNX models (None: $VECSHIM_ONNX_CACHE, else $XDG_CACHE_HOME/vecshim/onnx).
+    onnx_cache_dir: str | None = None
 
 
 class SentenceTransformersBackend(Backend):
@@ -76,6 +93,8 @@ class SentenceTransformersBackend(Backend):
     Options = SentenceTransformersOptions
     requires = ("torch", "sentence_transformers")
     extra = "local"
+    #: Modules each runtime needs beyond `requires` (installed by `vecshim[onnx]`).
+    runtime_modules = RUNTIME_MODULES
     in_process = True
     batch_cost = DEFAULT_COST
 
@@ -85,22 +104,48 @@ class SentenceTransformersBackend(Backend):
         self.model_id = BUNDLED_MODEL if self.bundled else options.model
         self.matryoshka = options.matryoshka
         self.concurrency = available_cpus() if options.device == "cpu" else 1
+        self.runtime = self._resolve_runtime(options)
+        self.max_batch_size = RUNTIME_BATCH[self.runtime]["max_batch_size"]
+        self.batch_cost = RUNTIME_BATCH[self.runtime]["cost"]
+        self._encoder = None
+        self._check: dict[str, Any] | None = None
         self._model = None
         self._counter = None
         self._tok_lock = threading.Lock()
         self._prompts: dict[str, str] = {"query": "", "passage": ""}
 
+    def _resolve_runtime(self, options: SentenceTransformersOptions) -> str:
+        """The configured runtime, `auto` resolved; a missing extra is a config error."""
+        runtime = options.runtime
+        if runtime == "auto":
+            wanted = BUNDLED_AUTO_RUNTIME if self.bundled and options.device == "cpu" else "torch"
+            return wanted if self._has_modules(wanted) else "torch"
+        if runtime != "torch" and options.device != "cpu":
+            raise ConfigError(f"backend 'sentence-transformers' runtime {runtime!r} runs on CPU only; "
+                              f"set device: cpu or runtime: torch")
+        if not self._has_modules(runtime):
+            raise ConfigError(f"backend 'sentence-transformers' runtime {runtime!r} needs: "
+                              f"pip install 'vecshim[onnx]'")
+        return runtime
+
+    @classmethod
+    def _has_modules(cls, runtime: str) -> bool:
+        import importlib.util
+
+        return all(importlib.util.find_spec(m) is not None for m in cls.runtime_modules[runtime])
+
     def load(self) -> None:
-        """Load weights (offline for the bundled model) and set torch threads."""
+        """Load weights (offline for the bundled model), set threads, load the ONNX encoder if asked."""
         try:
             import torch
             from sentence_transformers import SentenceTransformer
         except ImportError:
             raise ConfigError("backend 'sentence-transformers' needs: pip install 'vecshim[local]'") from None
         opts = self.options
+        threads = opts.threads or max(1, available_cpus() // (self.concurrency or 1))
         if opts.device == "cpu":
-            threads = opts.threads or max(1, available_cpus() // (self.concurrency or 1))
-            torch.set_num_threads(threads)
+            # With ONNX, torch only pools: the encoder threads are ONNX Runtime's.
+            torch.set_num_threads(threads if self.runtime == "torch" else 1)
         if self.bundled or Path(self.path).is_dir():
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
         try:  # a progress bar per worker start is noise in server logs
@@ -131,17 +176,45 @@ class SentenceTransformersBackend(Backend):
         self._counter.no_truncation()
         self._counter.no_padding()
         self._model = model
+        if self.runtime != "torch":
+            self._load_onnx(threads)
+
+    def _load_onnx(self, threads: int) -> None:
+        from .runtimes import load_encoder
+
+        cache = Path(self.options.onnx_cache_dir) if self.options.onnx_cache_dir else default_cache_dir()
+        self._encoder, self._check = load_encoder(self._model, self.model_id, self.runtime, cache,
+                                                  threads, self._preprocess)
+        # The torch copy of the encoder weights is no longer needed (about 90 MB for MiniLM).
+        self._model[0].auto_model.to("meta")
+
+    def _preprocess(self, texts, prompt=None):
+        with self._tok_lock:
+            return self._model.preprocess(list(texts), prompt=prompt)
+
+    @property
+    def vector_space(self) -> str:
+        """`torch` if vectors are torch's (torch itself or checked fp32 ONNX), else the runtime."""
+        if self.runtime == "torch" or (self._check or {}).get("torch_equivalent"):
+            return "torch"
+        return self.runtime
 
     def info(self) -> dict[str, Any]:
         """Model id, path kind, device and sequence length for /meta."""
         return {"model": self.model_id, "bundled": self.bundled, "revision": self.options.revision,
-                "device": self.options.device, "runtime": "torch",
+                "device": self.options.device, "runtime": self.runtime, "vector_space": self.vector_space,
+                **({"runtime_check": {k: v for k, v in self._check.items() if k != "cache"}}
+                   if self._check else {}),
                 "max_seq_length": getattr(self._model, "max_seq_length", None),
                 "prompts": dict(self._prompts)}
 
     def fingerprint_parts(self) -> dict[str, Any]:
-        """Model id, revision, runtime and prompts decide the vectors."""
-        return {"model": self.model_id, "revision": self.options.revision, "runtime": "torch",
+        """Model id, revision, vector space and prompts decide the vectors.
+
+        fp32 ONNX reports `torch` only when its check set matched torch's vectors
+        (cosine >= 0.9999), so it shares caches and fallbacks with torch; int8 never does.
+        """
+        return {"model": self.model_id, "revision": self.options.revision, "runtime": self.vector_space,
                 "max_seq_length": getattr(self._model, "max_seq_length", None),
                 "prompts": dict(self._prompts)}
 
@@ -178,6 +251,8 @@ class SentenceTransformersBackend(Backend):
         model = self._model
         with self._tok_lock:
             features = model.preprocess(list(texts), prompt=self._prompts[task] or None)
+        if self._encoder is not None:
+            return self._encoder(features)
         with torch.inference_mode():
             out = model(features)["sentence_embedding"]
         return out.float().cpu().numpy()

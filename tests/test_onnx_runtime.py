@@ -1,0 +1,139 @@
+"""ONNX runtimes of the local backend (issue 10): vectors, fingerprints, cache, missing extra, /meta."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from conftest import Served
+from vecshim.app import create_app
+from vecshim.backends.local import SentenceTransformersBackend
+from vecshim.errors import ConfigError
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("onnxruntime")
+
+TEXTS = [
+    "Article The London Eye is a ferris wheel on the South Bank of the River Thames",
+    "short",
+    "A much longer passage about embeddings, vector databases and how Weaviate stores objects " * 3,
+    "Ünïcödé & <html> \u2028 漢字 🙂",
+]
+
+
+def cos(a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+def config(runtime: str, cache) -> dict:
+    return {"models": {"minilm": {"backend": "sentence-transformers",
+                                  "options": {"runtime": runtime, "onnx_cache_dir": str(cache)}}},
+            "cache": {"enabled": False}}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("onnx-cache")
+
+
+@pytest.fixture(scope="module")
+def served(cache_dir):
+    """torch, onnx and onnx-int8 served side by side (onnx and int8 exported into cache_dir)."""
+    apps = {}
+    for rt in ("torch", "onnx", "onnx-int8"):
+        s = Served(create_app(config(rt, cache_dir), load_entrypoints=False))
+        assert s.state.wait_ready(120), s.state.not_ready_reason()
+        apps[rt] = s
+    yield apps
+    for s in apps.values():
+        s.close()
+
+
+def meta(s) -> dict:
+    return s.client().request("GET", "/meta").json()["model"]
+
+
+def test_onnx_vectors_match_torch_over_http(served, st_model):
+    ref = st_model.encode(TEXTS)
+    c = served["onnx"].client()
+    for text, expect in zip(TEXTS, ref):
+        for task in ("passage", "query"):
+            r = c.vectors(text, task_type=task)
+            assert r.status == 200 and r.json()["dims"] == 384
+            assert cos(r.json()["vector"], expect) >= 0.9999
+
+
+def test_int8_vectors_are_close_but_not_the_same_space(served, st_model):
+    ref = st_model.encode(TEXTS)
+    c = served["onnx-int8"].client()
+    got = [cos(c.vectors(t).json()["vector"], e) for t, e in zip(TEXTS, ref)]
+    assert min(got) > 0.9 and min(got) < 0.9999
+
+
+def test_fingerprints_tell_runtimes_apart(served):
+    fp = {rt: meta(s)["fingerprint"] for rt, s in served.items()}
+    assert fp["onnx"] == fp["torch"]  # passed its check set: same vector space
+    assert fp["onnx-int8"] != fp["torch"]
+
+
+def test_meta_shows_runtime_and_check(served):
+    m = {rt: meta(s)["model"] for rt, s in served.items()}
+    assert m["torch"]["runtime"] == "torch" and "runtime_check" not in m["torch"]
+    assert m["onnx"]["runtime"] == "onnx" and m["onnx"]["vector_space"] == "torch"
+    assert m["onnx"]["runtime_check"]["torch_equivalent"] is True
+    assert m["onnx"]["runtime_check"]["min_cosine_vs_torch"] >= 0.9999
+    assert m["onnx-int8"]["runtime"] == "onnx-int8" and m["onnx-int8"]["vector_space"] == "onnx-int8"
+    assert m["onnx-int8"]["runtime_check"]["torch_equivalent"] is False
+
+
+def test_cache_is_reused_not_exported_again(served, cache_dir):
+    exports = sorted(p for p in cache_dir.iterdir())
+    assert len(exports) == 2  # one per ONNX runtime
+    assert not [p for p in exports if p.name.startswith(".")]  # no temp folder left behind
+    mtimes = {p: (p / "model.onnx").stat().st_mtime_ns for p in exports}
+    start = time.monotonic()
+    s = Served(create_app(config("onnx", cache_dir), load_entrypoints=False))
+    try:
+        assert s.state.wait_ready(60), s.state.not_ready_reason()
+        ready = time.monotonic() - start
+    finally:
+        s.close()
+    assert {p: (p / "model.onnx").stat().st_mtime_ns for p in exports} == mtimes
+    assert sorted(cache_dir.iterdir()) == exports
+    # Imports are already done in this process; the bench measures a real gunicorn start.
+    assert ready < 3.0, f"cached onnx start-to-ready took {ready:.2f} s"
+
+
+def test_missing_extra_names_the_pip_command():
+    class NoOnnx(SentenceTransformersBackend):
+        runtime_modules = {**SentenceTransformersBackend.runtime_modules,
+                           "onnx": ("vecshim_no_such_module_onnxruntime",)}
+
+    with pytest.raises(ConfigError) as err:
+        NoOnnx(NoOnnx.Options(runtime="onnx"))
+    assert str(err.value) == ("backend 'sentence-transformers' runtime 'onnx' needs: "
+                              "pip install 'vecshim[onnx]'")
+    # auto quietly keeps torch when the extra is missing
+    assert NoOnnx(NoOnnx.Options()).runtime == "torch"
+
+
+def test_concurrent_exports_publish_one_folder(tmp_path, st_model):
+    """Two processes (like two gunicorn workers) exporting into one empty cache leave one entry."""
+    import subprocess
+    import sys
+
+    code = ("import sys, json; from vecshim.backends.local import SentenceTransformersBackend as B; "
+            "b = B(B.Options(runtime='onnx', onnx_cache_dir=sys.argv[1])); b.concurrency = 1; b.load(); "
+            "print(json.dumps([float(x) for x in b.embed(['hello'], 'passage')[0]]))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert len(list(tmp_path.iterdir())) == 1
+    ref = st_model.encode("hello")
+    for out, _ in outs:
+        assert cos(json.loads(out.strip().splitlines()[-1]), ref) >= 0.9999
