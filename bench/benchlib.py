@@ -80,7 +80,6 @@ def machine_info() -> dict:
         "cpu": _cpu_model(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "torch_default_threads": torch.get_num_threads(),
         "sentence_transformers": sentence_transformers.__version__,
         "transformers": transformers.__version__,
         "git": commit,
@@ -121,7 +120,7 @@ class CpuMonitor:
         self.foreign_cpu_pct = round(100 * foreign / (wall * (os.cpu_count() or 1)), 1)
 
 
-def wait_quiet(max_wait: float = 60.0, threshold_pct: float = 15.0, window: float = 1.0) -> float:
+def wait_quiet(max_wait: float = 120.0, threshold_pct: float = 15.0, window: float = 1.0) -> float:
     """Wait (bounded) until the machine is nearly idle; return the last busy % seen."""
     deadline = time.monotonic() + max_wait
     while True:

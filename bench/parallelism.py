@@ -9,7 +9,7 @@ Encodes the same corpus (length-sorted, one ``encode`` call per worker with
 * ``1 proc, K py threads x 1 torch thread`` — one model shared by K Python
   threads calling ``encode`` concurrently (what a threaded server would do).
 
-Usage: ``python bench/parallelism.py --n 1000 --batch-sizes 8,32 [--json]``
+Usage: ``python bench/parallelism.py --n 1000 --batch-sizes 8,32 [--repeat 2] [--json]``
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def _py_threads(texts: list[str], batch: int, k: int) -> dict:
     return {"texts_per_s": round(rate, 1), "errors": errors}
 
 
-def run_layouts(n: int, batch_sizes: list[int], k: int) -> dict:
+def run_layouts(n: int, batch_sizes: list[int], k: int, repeat: int = 2) -> dict:
     """Measure every layout at every batch size; each in-process case in a fresh process."""
     texts = get_corpus(n)
     results = {}
@@ -107,13 +107,18 @@ def run_layouts(n: int, batch_sizes: list[int], k: int) -> dict:
         f"1proc_{k}pythreads_1thread": lambda b: pooled(_py_threads, texts, b, k),
     }
     for batch in batch_sizes:
-        row = {}
-        for name, fn in layouts.items():
-            wait_quiet(max_wait=30)
-            with CpuMonitor() as mon:
-                value = fn(batch)
-            value = value if isinstance(value, dict) else {"texts_per_s": round(value, 1)}
-            row[name] = {**value, "foreign_cpu_pct": mon.foreign_cpu_pct}
+        row: dict = {}
+        # Layouts are interleaved across repeats so a burst of foreign load
+        # cannot hit every run of one layout; the fastest run is kept.
+        for _ in range(repeat):
+            for name, fn in layouts.items():
+                wait_quiet(max_wait=60)
+                with CpuMonitor() as mon:
+                    value = fn(batch)
+                value = value if isinstance(value, dict) else {"texts_per_s": round(value, 1)}
+                value["foreign_cpu_pct"] = mon.foreign_cpu_pct
+                if name not in row or value["texts_per_s"] > row[name]["texts_per_s"]:
+                    row[name] = value
         results[f"batch_{batch}"] = row
     return results
 
@@ -124,11 +129,12 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--batch-sizes", default="32")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="K (default: nproc)")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per layout; the fastest is kept")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     report = {"n": args.n, "workers": args.workers, "machine": machine_info(),
-              "results": run_layouts(args.n, sizes, args.workers)}
+              "results": run_layouts(args.n, sizes, args.workers, args.repeat)}
     if args.json:
         print(json.dumps(report))
         return
