@@ -14,7 +14,9 @@
 #                    and `onnx` for a hosted-API-only image without torch, ~10x
 #                    smaller; drop `onnx` to serve the bundled model on torch)
 #   ONNX_EXPORT      runtimes exported into the image at build time (space-separated:
-#                    "onnx", "onnx onnx-int8", or "" for none), so no pod exports at start
+#                    "onnx", "onnx onnx-int8", or "" for none), so no pod exports at start;
+#                    needs `onnx` in VECSHIM_EXTRAS, e.g.
+#                    --build-arg VECSHIM_EXTRAS=local,onnx,openai,cohere,redis --build-arg ONNX_EXPORT="onnx onnx-int8"
 #   TORCH_VERSION    must match the pin of the `local` extra in setup.cfg
 #   TORCH_INDEX_URL  where the CPU-only torch wheel comes from
 # See docs/operations.md.
@@ -24,8 +26,8 @@ ARG PYTHON_IMAGE=python:3.11-slim
 # ---------------------------------------------------------------- builder ----
 FROM ${PYTHON_IMAGE} AS builder
 
-ARG VECSHIM_EXTRAS=local,onnx,openai,cohere,redis
-ARG ONNX_EXPORT=onnx
+ARG VECSHIM_EXTRAS=local,openai,cohere,redis
+ARG ONNX_EXPORT=
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 

@@ -31,8 +31,9 @@ RUNTIME_BATCH = {
     "onnx-int8": {"max_batch_size": None, "cost": DEFAULT_COST},
 }
 #: Runtime of the bundled model when `runtime: auto` and the onnx extra is installed:
-#: the fastest whose vectors match torch's (bench/RESULTS.md "Runtimes").
-BUNDLED_AUTO_RUNTIME = "onnx"
+#: the fastest whose vectors match torch's. Stays torch until bench/runtimes.py has
+#: shown onnx faster when served on a quiet machine (bench/RESULTS.md "Runtimes").
+BUNDLED_AUTO_RUNTIME = "torch"
 
 
 def available_cpus() -> int:
@@ -80,7 +81,7 @@ class SentenceTransformersOptions(BackendOptions):
     matryoshka: bool = False
     precision: Literal["float32"] = "float32"
     #: Inference runtime: torch, ONNX Runtime fp32, or ONNX Runtime int8 (a different
-    #: vector space). auto: onnx for the bundled model when `vecshim[onnx]` is installed, else torch.
+    #: vector space). auto: BUNDLED_AUTO_RUNTIME for the bundled model if installed, else torch.
     runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
     #: Folder for exported ONNX models (None: $VECSHIM_ONNX_CACHE, else $XDG_CACHE_HOME/vecshim/onnx).
     onnx_cache_dir: str | None = None
