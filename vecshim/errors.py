@@ -1,11 +1,22 @@
 """Error hierarchy: every failure a client can see is a VecshimError with a status."""
 from __future__ import annotations
 
+import reprlib
+
 __all__ = [
     "VecshimError", "ConfigError", "BadRequest", "NotFound", "UnknownModelError",
     "UnknownBackendError", "PayloadTooLarge", "BackendError", "UpstreamError", "BackendUnavailable",
-    "Overloaded", "InferenceTimeout", "Unauthorized",
+    "Overloaded", "InferenceTimeout", "Unauthorized", "brief",
 ]
+
+_BRIEF = reprlib.Repr()
+_BRIEF.maxstring = _BRIEF.maxother = 80
+_BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxdict = 3, 6, 6
+
+
+def brief(value) -> str:
+    """repr() of a client-sent value, cut short: error messages never echo a whole request."""
+    return _BRIEF.repr(value)
 
 
 class VecshimError(Exception):
@@ -53,7 +64,7 @@ class UnknownModelError(NotFound):
 
     def __init__(self, name: str, available):
         names = ", ".join(sorted(available)) or "(none)"
-        super().__init__(f"unknown model {name!r}; configured models: {names}")
+        super().__init__(f"unknown model {brief(name)}; configured models: {names}")
         self.name = name
 
 

@@ -15,7 +15,8 @@ from pydantic import ValidationError
 from .backend import TASKS, Backend
 from .batching import Batcher
 from .config import ModelConfig, format_validation_error
-from .errors import BackendError, BackendUnavailable, BadRequest, ConfigError, PayloadTooLarge
+from .errors import (BackendError, BackendUnavailable, BadRequest, ConfigError, PayloadTooLarge, VecshimError,
+                     brief)
 
 __all__ = ["Model", "build_backend", "WARMUP_TEXT"]
 
@@ -155,7 +156,16 @@ class Model:
     def _embed_batch(self, texts: list[str], key: str | None) -> np.ndarray:
         """Called by batch workers: one backend call, checked."""
         task = key or "passage"
-        raw = self.resilience.call(self.backend.embed, texts, task)
+        try:
+            raw = self.resilience.call(self.backend.embed, texts, task)
+        except VecshimError:
+            raise
+        except Exception as err:
+            # A plugin bug: the client gets a 502 naming the backend, never the exception's
+            # text (it may hold a key); the traceback goes to the (redacted) log.
+            log.error("backend %r raised %s", self.backend.name, type(err).__name__, exc_info=True)
+            raise BackendError(f"backend {self.backend.name!r} failed ({type(err).__name__}); "
+                               f"see the server log") from None
         try:
             arr = np.asarray(raw, dtype=np.float32)
         except (TypeError, ValueError) as err:
@@ -175,7 +185,7 @@ class Model:
         if dimensions is None or dimensions == self.dimension:
             return None
         if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1:
-            raise BadRequest(f"dimensions must be a positive integer, got {dimensions!r}")
+            raise BadRequest(f"dimensions must be a positive integer, got {brief(dimensions)}")
         if self.dimension is not None and dimensions > self.dimension:
             raise BadRequest(f"model {self.name!r} has {self.dimension} dimensions; cannot serve {dimensions}")
         if not self.matryoshka:
@@ -186,7 +196,7 @@ class Model:
     def embed(self, texts: Sequence[str], task: str = "passage", dimensions: int | None = None) -> list[np.ndarray]:
         """Embed texts for a task; return one float32 vector per text."""
         if task not in TASKS:
-            raise BadRequest(f"task_type must be one of {', '.join(TASKS)}, got {task!r}")
+            raise BadRequest(f"task_type must be one of {', '.join(TASKS)}, got {brief(task)}")
         if not self.ready and self.state == "loading":
             # Another gunicorn worker may have answered the readiness probe
             # while this one is still warming up: wait rather than fail.

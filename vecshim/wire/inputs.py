@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import BadRequest, PayloadTooLarge
+from ..errors import BadRequest, PayloadTooLarge, brief
 from .weaviate import clean_text
 
 __all__ = ["InvalidField", "FieldTooLarge", "parse_texts", "parse_dimensions", "check_limits"]
@@ -53,7 +53,7 @@ def parse_dimensions(value: Any, field: str = "dimensions") -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidField(field, f"field '{field}' must be a positive integer, got {value!r}")
+        raise InvalidField(field, f"field '{field}' must be a positive integer, got {brief(value)}")
     return value
 
 

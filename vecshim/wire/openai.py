@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import BadRequest
+from ..errors import BadRequest, brief
 from .inputs import InvalidField, parse_dimensions, parse_texts
 from .weaviate import parse_json_body
 
@@ -52,7 +52,7 @@ def _choice(body: dict, field: str, allowed: Sequence[str], default: str) -> str
     if value is None:
         return default
     if value not in allowed:
-        raise InvalidField(field, f"field '{field}' must be one of {', '.join(allowed)}, got {value!r}")
+        raise InvalidField(field, f"field '{field}' must be one of {', '.join(allowed)}, got {brief(value)}")
     return value
 
 

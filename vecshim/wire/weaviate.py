@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import BadRequest
+from ..errors import BadRequest, brief
 
 __all__ = ["VectorsRequest", "parse_json_body", "parse_vectors_request", "render_vectors_reply", "clean_text"]
 
@@ -44,6 +44,8 @@ def parse_json_body(raw: bytes) -> Any:
         raise BadRequest(f"request body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
     except RecursionError:
         raise BadRequest("request body is nested too deeply") from None
+    except ValueError as err:  # e.g. an integer literal beyond int_max_str_digits
+        raise BadRequest(f"request body is not valid JSON: {str(err)[:120]}") from None
 
 
 def _task(value: Any) -> str:
@@ -51,14 +53,14 @@ def _task(value: Any) -> str:
         return "passage"
     if value in ("query", "passage"):
         return value
-    raise BadRequest(f"config.task_type must be 'query' or 'passage', got {value!r}")
+    raise BadRequest(f"config.task_type must be 'query' or 'passage', got {brief(value)}")
 
 
 def _dimensions(value: Any) -> int | None:
     if value is None or value == 0:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise BadRequest(f"config.dimensions must be a positive integer, got {value!r}")
+        raise BadRequest(f"config.dimensions must be a positive integer, got {brief(value)}")
     return value
 
 
