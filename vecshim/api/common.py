@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import hmac
-import json
 
 from flask import Response, current_app, request
 
 from ..errors import Unauthorized
+from ..wire import dumps
 
 __all__ = ["get_state", "json_response", "check_bearer"]
 
@@ -18,7 +18,7 @@ def get_state():
 
 def json_response(data, status: int = 200, headers: dict | None = None) -> Response:
     """A compact JSON reply (bytes are passed through untouched)."""
-    body = data if isinstance(data, bytes) else json.dumps(data, separators=(",", ":")).encode()
+    body = data if isinstance(data, bytes) else dumps(data)
     return Response(body, status=status, mimetype="application/json", headers=headers)
 
 

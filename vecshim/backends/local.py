@@ -21,7 +21,7 @@ _BUNDLED_ALIASES = {BUNDLED_MODEL, "all-MiniLM-L6-v2", "bundled"}
 
 #: Fitted on this project's 2-core benchmark machine (bench/cost_model.json):
 #: seconds for one forward pass of n texts padded to L tokens, one thread.
-DEFAULT_COST = (0.0015, 2.4e-5, 6e-8)
+DEFAULT_COST = (0.00475, 2.05e-4, 1.49e-7)
 
 #: Per-runtime batching defaults (bench/runtimes.py, bench/RESULTS.md "Runtimes"):
 #: most texts per call and the (a, b, c) cost model the batcher splits by.

@@ -1,13 +1,13 @@
 """Hugging Face feature-extraction wire format as text2vec-huggingface sends it (CONTRACTS.md §4)."""
 from __future__ import annotations
 
-import json
 from typing import Sequence
 
 import numpy as np
 
 from ..errors import BadRequest
 from .inputs import InvalidField, parse_texts
+from . import dumps
 from .weaviate import parse_json_body
 
 __all__ = ["parse_feature_request", "render_feature_reply"]
@@ -26,4 +26,4 @@ def parse_feature_request(raw: bytes) -> list[str]:
 
 def render_feature_reply(vectors: Sequence[np.ndarray]) -> bytes:
     """The 200 body: a bare `[[f32, ...], ...]`, the first shape Weaviate's client tries."""
-    return json.dumps([v.tolist() for v in vectors], separators=(",", ":")).encode()
+    return dumps(list(vectors))

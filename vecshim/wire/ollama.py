@@ -1,7 +1,6 @@
 """Ollama `/api/embed` wire format as text2vec-ollama sends it (CONTRACTS.md §3)."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -9,6 +8,7 @@ import numpy as np
 
 from ..errors import BadRequest
 from .inputs import InvalidField, parse_dimensions, parse_texts
+from . import dumps
 from .weaviate import parse_json_body
 
 __all__ = ["EmbedRequest", "parse_embed_request", "render_embed_reply"]
@@ -38,6 +38,5 @@ def parse_embed_request(raw: bytes) -> EmbedRequest:
 def render_embed_reply(vectors: Sequence[np.ndarray], model: str, prompt_tokens: int,
                        total_ns: int) -> bytes:
     """The 200 body: `embeddings` in input order, plus Ollama's timing and token fields."""
-    return json.dumps({"model": model, "embeddings": [v.tolist() for v in vectors],
-                       "total_duration": total_ns, "load_duration": 0, "prompt_eval_count": prompt_tokens},
-                      separators=(",", ":")).encode()
+    return dumps({"model": model, "embeddings": list(vectors),
+                  "total_duration": total_ns, "load_duration": 0, "prompt_eval_count": prompt_tokens})

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -10,6 +9,7 @@ import numpy as np
 
 from ..errors import BadRequest, brief
 from .inputs import InvalidField, parse_dimensions, parse_texts
+from . import dumps
 from .weaviate import parse_json_body
 
 __all__ = [
@@ -77,7 +77,7 @@ def _encode(vector: np.ndarray, encoding_format: str) -> Any:
     if encoding_format == "base64":
         # The OpenAI SDK decodes with np.frombuffer(..., dtype="float32"): little-endian float32.
         return base64.b64encode(np.ascontiguousarray(vector, dtype="<f4").tobytes()).decode("ascii")
-    return vector.tolist()
+    return np.ascontiguousarray(vector, dtype=np.float32)
 
 
 def render_embeddings_reply(vectors: Sequence[np.ndarray], model: str, encoding_format: str,
@@ -85,9 +85,8 @@ def render_embeddings_reply(vectors: Sequence[np.ndarray], model: str, encoding_
     """The 200 body: `data` in input order with `index`, and token `usage`."""
     data = [{"object": "embedding", "index": i, "embedding": _encode(v, encoding_format)}
             for i, v in enumerate(vectors)]
-    return json.dumps({"object": "list", "data": data, "model": model,
-                       "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}},
-                      separators=(",", ":")).encode()
+    return dumps({"object": "list", "data": data, "model": model,
+                  "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}})
 
 
 def render_model(name: str, created: int, root: str) -> dict:

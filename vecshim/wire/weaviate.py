@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import BadRequest, brief
+from . import dumps
 
 __all__ = ["VectorsRequest", "parse_json_body", "parse_vectors_request", "render_vectors_reply", "clean_text"]
 
@@ -93,5 +94,4 @@ def parse_vectors_request(raw: bytes) -> VectorsRequest:
 def render_vectors_reply(text: str, vector: np.ndarray) -> bytes:
     """The 200 body: text echo, float32 vector, and its length as `dim` and `dims`."""
     n = int(vector.shape[0])
-    return json.dumps({"text": text, "vector": vector.tolist(), "dim": n, "dims": n},
-                      separators=(",", ":")).encode()
+    return dumps({"text": text, "vector": vector, "dim": n, "dims": n})
