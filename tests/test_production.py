@@ -156,7 +156,7 @@ def test_json_logs_with_request_id_and_no_texts(tmp_path):
         assert r.status == 200 and r.headers["x-request-id"] == "abc-123"
         r = c.request("POST", "/vectors", vec_request("another private text"), auth)
         generated = r.headers["x-request-id"]
-        assert re.fullmatch(r"[0-9a-f]{32}", generated)
+        assert re.fullmatch(r"[0-9a-f]{32}", generated)  # 16 hex per-process prefix + 16 hex counter
         assert c.request("POST", "/vectors", vec_request("EXPLODE please"), auth).status == 502
         time.sleep(0.3)
     finally:

@@ -44,6 +44,8 @@ class State:
         self.stats = stats
         self.draining = False
         self.plugins = plugin_infos(pm)
+        for m in models.values():
+            m.on_ready = self.render_meta
         self._meta: dict[str | None, bytes] = {}
         self._loader: threading.Thread | None = None
         self._stop = threading.Event()

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextvars
+import itertools
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -17,11 +19,23 @@ _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _HANDLER_FLAG = "_vecshim_handler"
 
 
+_ids = {"prefix": uuid.uuid4().hex[:16], "counter": itertools.count()}
+
+
+def _reseed_ids() -> None:
+    # gunicorn forks workers from one master: give each its own prefix.
+    _ids["prefix"], _ids["counter"] = uuid.uuid4().hex[:16], itertools.count()
+
+
+os.register_at_fork(after_in_child=_reseed_ids)
+
+
 def new_request_id(given: str | None) -> str:
-    """Honour a sane incoming X-Request-ID, else make one."""
+    """Honour a sane incoming X-Request-ID, else make one (random per process + counter)."""
     if given and _VALID_ID.match(given):
         return given
-    return uuid.uuid4().hex
+    # Cheaper than uuid4() per request, still unique across workers and restarts.
+    return f"{_ids['prefix']}{next(_ids['counter']) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 class VecshimFormatter(logging.Formatter):

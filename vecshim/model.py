@@ -54,6 +54,9 @@ class Model:
         self.fallbacks: list[Model] = []
         self.resilience = None
         self._ready = threading.Event()
+        self._fingerprint: str | None = None
+        #: Called once loaded, just before `ready` turns true.
+        self.on_ready = None
         prefixes = cfg.prefixes
         #: Whether query and passage texts reach the model differently.
         self.task_split = backend.task_aware or prefixes.query != prefixes.passage
@@ -82,9 +85,14 @@ class Model:
 
     @property
     def fingerprint(self) -> str:
-        """Short stable hash of `fingerprint_parts()`."""
+        """Short stable hash of `fingerprint_parts()` (fixed once the model is ready)."""
+        if self._fingerprint is not None:
+            return self._fingerprint
         raw = json.dumps(self.fingerprint_parts(), sort_keys=True, default=str)
-        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+        value = hashlib.sha256(raw.encode()).hexdigest()[:16]
+        if self.ready:  # every part is known now; it keys every cache lookup
+            self._fingerprint = value
+        return value
 
     def info(self) -> dict[str, Any]:
         """The model's entry in `/meta`; built once the model is loaded."""
@@ -139,6 +147,8 @@ class Model:
         if self.stats:
             self.stats.load_seconds.labels(self.name).set(self.load_seconds)
         self.state, self.error = "ready", None
+        if self.on_ready is not None:
+            self.on_ready()  # e.g. re-render /meta before anyone sees the model as ready
         self._ready.set()
         log.info("model %r ready: backend %s, dimension %d, loaded in %.1f s",
                  self.name, self.backend.name, self.dimension, self.load_seconds)
