@@ -5,19 +5,16 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import BadRequest
 from .inputs import InvalidField, parse_texts
 from . import dumps
-from .weaviate import parse_json_body
+from .weaviate import parse_json_object
 
 __all__ = ["parse_feature_request", "render_feature_reply"]
 
 
 def parse_feature_request(raw: bytes) -> list[str]:
     """The texts of a `{"inputs": ..., "options": {...}}` body; `options` is accepted and ignored."""
-    body = parse_json_body(raw)
-    if not isinstance(body, dict):
-        raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
+    body = parse_json_object(raw)
     options = body.get("options")
     if options is not None and not isinstance(options, dict):
         raise InvalidField("options", f"field 'options' must be an object, got {type(options).__name__}")

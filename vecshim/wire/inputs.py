@@ -6,7 +6,7 @@ from typing import Any
 from ..errors import BadRequest, PayloadTooLarge, brief
 from .weaviate import clean_text
 
-__all__ = ["InvalidField", "FieldTooLarge", "parse_texts", "parse_dimensions", "check_limits"]
+__all__ = ["InvalidField", "FieldTooLarge", "parse_texts", "parse_dimensions", "parse_model", "check_limits"]
 
 
 class InvalidField(BadRequest):
@@ -23,6 +23,14 @@ class FieldTooLarge(PayloadTooLarge):
     def __init__(self, param: str, message: str):
         super().__init__(message)
         self.param = param
+
+
+def parse_model(body: dict) -> str | None:
+    """The optional `model` field: a string naming a configured model, or None."""
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise InvalidField("model", f"field 'model' must be a string, got {type(model).__name__}")
+    return model or None
 
 
 def parse_texts(value: Any, field: str) -> list[str]:

@@ -6,10 +6,9 @@ from typing import Sequence
 
 import numpy as np
 
-from ..errors import BadRequest
-from .inputs import InvalidField, parse_dimensions, parse_texts
+from .inputs import parse_dimensions, parse_model, parse_texts
 from . import dumps
-from .weaviate import parse_json_body
+from .weaviate import parse_json_object
 
 __all__ = ["EmbedRequest", "parse_embed_request", "render_embed_reply"]
 
@@ -25,13 +24,9 @@ class EmbedRequest:
 
 def parse_embed_request(raw: bytes) -> EmbedRequest:
     """Parse an `/api/embed` body (Weaviate sends it without a Content-Type)."""
-    body = parse_json_body(raw)
-    if not isinstance(body, dict):
-        raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise InvalidField("model", f"field 'model' must be a string, got {type(model).__name__}")
-    return EmbedRequest(texts=parse_texts(body.get("input"), "input"), model=model or None,
+    body = parse_json_object(raw)
+    model = parse_model(body)
+    return EmbedRequest(texts=parse_texts(body.get("input"), "input"), model=model,
                         dimensions=parse_dimensions(body.get("dimensions")))
 
 

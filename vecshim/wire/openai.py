@@ -7,10 +7,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import BadRequest, brief
-from .inputs import InvalidField, parse_dimensions, parse_texts
+from ..errors import brief
+from .inputs import InvalidField, parse_dimensions, parse_model, parse_texts
 from . import dumps
-from .weaviate import parse_json_body
+from .weaviate import parse_json_object
 
 __all__ = [
     "EmbeddingsRequest", "parse_embeddings_request", "render_embeddings_reply", "render_model",
@@ -58,15 +58,11 @@ def _choice(body: dict, field: str, allowed: Sequence[str], default: str) -> str
 
 def parse_embeddings_request(raw: bytes) -> EmbeddingsRequest:
     """Parse a `/v1/embeddings` body; `user` and unknown keys are ignored."""
-    body = parse_json_body(raw)
-    if not isinstance(body, dict):
-        raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
-    model = body.get("model")
-    if model is not None and not isinstance(model, str):
-        raise InvalidField("model", f"field 'model' must be a string, got {type(model).__name__}")
+    body = parse_json_object(raw)
+    model = parse_model(body)
     return EmbeddingsRequest(
         texts=parse_texts(body.get("input"), "input"),
-        model=model or None,
+        model=model,
         dimensions=parse_dimensions(body.get("dimensions")),
         encoding_format=_choice(body, "encoding_format", ENCODINGS, "float"),
         task=_choice(body, "input_type", INPUT_TYPES, "passage"),

@@ -11,7 +11,7 @@ import numpy as np
 from ..errors import BadRequest, brief
 from . import dumps
 
-__all__ = ["VectorsRequest", "parse_json_body", "parse_vectors_request", "render_vectors_reply", "clean_text"]
+__all__ = ["VectorsRequest", "parse_json_body", "parse_json_object", "parse_vectors_request", "render_vectors_reply", "clean_text"]
 
 _LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -49,6 +49,14 @@ def parse_json_body(raw: bytes) -> Any:
         raise BadRequest(f"request body is not valid JSON: {str(err)[:120]}") from None
 
 
+def parse_json_object(raw: bytes) -> dict:
+    """Decode a body that must be a JSON object (every protocol's requests are)."""
+    body = parse_json_body(raw)
+    if not isinstance(body, dict):
+        raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
 def _task(value: Any) -> str:
     if value is None or value == "":
         return "passage"
@@ -67,9 +75,7 @@ def _dimensions(value: Any) -> int | None:
 
 def parse_vectors_request(raw: bytes) -> VectorsRequest:
     """Parse a `/vectors` body; `dims`, `vector`, `error` and unknown keys are ignored."""
-    body = parse_json_body(raw)
-    if not isinstance(body, dict):
-        raise BadRequest(f"request body must be a JSON object, got {type(body).__name__}")
+    body = parse_json_object(raw)
     text = body.get("text")
     if text is None:
         raise BadRequest("missing field 'text'")
