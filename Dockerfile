@@ -26,8 +26,8 @@ ARG PYTHON_IMAGE=python:3.11-slim
 # ---------------------------------------------------------------- builder ----
 FROM ${PYTHON_IMAGE} AS builder
 
-ARG VECSHIM_EXTRAS=local,openai,cohere,redis
-ARG ONNX_EXPORT=
+ARG VECSHIM_EXTRAS=local,onnx,openai,cohere,redis
+ARG ONNX_EXPORT=onnx
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
