@@ -170,3 +170,30 @@ def test_json_logs_with_request_id_and_no_texts(tmp_path):
     assert ok["status"] == 200 and ok["model"] == "fake" and ok["path"] == "/vectors" and ok["ms"] >= 0
     raw = (tmp_path / "server.log").read_text()
     assert "private words" not in raw and "another private text" not in raw and SECRET not in raw
+
+
+def test_plain_gunicorn_with_the_shipped_config(tmp_path):
+    """`gunicorn -c deploy/gunicorn.conf.py 'vecshim.app:create_app()'` serves like `vecshim serve`."""
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "fakeplugin.py").write_text(
+        PLUGIN + "from vecshim import hookimpl\n\n@hookimpl\ndef register_backends(register):\n"
+        "    fake.register_backends(register)\n")
+    path = tmp_path / "vecshim.yaml"
+    path.write_text(yaml.safe_dump({"plugins": {"dirs": ["plugins"], "entrypoints": False}, **fake_model()}))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+    env.update(VECSHIM_CONFIG=str(path), VECSHIM_BIND=f"127.0.0.1:{port}")
+    log = open(tmp_path / "gunicorn.log", "wb")
+    proc = subprocess.Popen([str(VENV_BIN / "gunicorn"), "-c", str(TESTS.parent / "deploy" / "gunicorn.conf.py"),
+                             "vecshim.app:create_app()"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc.port, proc.logfile = port, log
+    try:
+        wait_http(f"http://127.0.0.1:{port}/.well-known/ready", 60, proc=proc)
+        c = GoClient("127.0.0.1", port)
+        r = c.vectors("plain gunicorn")
+        assert r.status == 200 and r.json()["dims"] == 8
+        metrics = c.request("GET", "/metrics").body.decode()
+        assert metric(metrics, "vecshim_requests_total", route="/vectors", model="fake", status="200") == 1
+    finally:
+        stop(proc)
+    assert proc.returncode == 0

@@ -1,0 +1,37 @@
+"""gunicorn settings equal to `vecshim serve`'s, for running gunicorn directly:
+
+    VECSHIM_CONFIG=/etc/vecshim/config.yaml \\
+        gunicorn -c deploy/gunicorn.conf.py 'vecshim.app:create_app()'
+
+`--workers` defaults to 1 here (right for a local model on CPU; use 2+ for
+hosted backends). Models load in each worker after fork (no preload).
+"""
+import os
+
+from vecshim.server import DEFAULTS, HOOKS, prepare_metrics_dir, remove_metrics_dir
+
+# Before any worker imports prometheus_client: one folder shared by all workers.
+_metrics_dir = prepare_metrics_dir()
+
+bind = os.environ.get("VECSHIM_BIND", DEFAULTS["bind"])
+workers = int(os.environ.get("VECSHIM_WORKERS", "1"))
+worker_class = DEFAULTS["worker_class"]
+threads = DEFAULTS["threads"]
+keepalive = DEFAULTS["keepalive"]          # above Go's 90 s idle reuse
+timeout = DEFAULTS["timeout"]
+graceful_timeout = DEFAULTS["graceful_timeout"]
+preload_app = False
+accesslog = None                           # the app logs each request in its own format
+errorlog = "-"
+control_socket_disable = True
+max_requests = int(os.environ.get("VECSHIM_MAX_REQUESTS", "0"))   # worker recycling, 0 = off
+max_requests_jitter = int(os.environ.get("VECSHIM_MAX_REQUESTS_JITTER", "0"))
+
+post_worker_init = HOOKS["post_worker_init"]
+worker_exit = HOOKS["worker_exit"]
+child_exit = HOOKS["child_exit"]
+
+
+def on_exit(server):
+    """Remove the metrics folder this config created."""
+    remove_metrics_dir(_metrics_dir)
