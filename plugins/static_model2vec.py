@@ -31,6 +31,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from vecshim import Backend, BackendOptions, ConfigError, hookimpl
+from vecshim.backend import count_with_tokenizer, split_with_tokenizer
 
 log = logging.getLogger("vecshim.plugins.model2vec")
 BUNDLED = "bundled"
@@ -160,28 +161,16 @@ class Model2VecBackend(Backend):
         return {"model": self.model_id, "runtime": "model2vec"}
 
     def count_tokens(self, texts):
-        """Exact counts from the model's tokenizer (no special tokens, as model2vec embeds)."""
+        """Exact token counts (without special tokens) from the model's tokenizer."""
         if self._counter is None:
             return super().count_tokens(texts)
-        return [len(e.ids) for e in self._counter.encode_batch(list(texts), add_special_tokens=False)]
+        return count_with_tokenizer(self._counter, texts)
 
     def split_text(self, text: str, max_tokens: int) -> list[str]:
-        """Cut at token offsets into windows of at most `max_tokens` tokens."""
+        """Cut at token boundaries, preferring word starts, into windows of <= max_tokens."""
         if self._counter is None:
             return super().split_text(text, max_tokens)
-        offsets = self._counter.encode(text, add_special_tokens=False).offsets
-        windows, start = [], 0
-        while start < len(offsets):
-            end = min(start + max_tokens, len(offsets))
-            # Back off to a token that starts a word: a word cut in two may re-tokenize longer.
-            cut = end
-            while end < len(offsets) and cut > start + 1 and offsets[cut][0] == offsets[cut - 1][1]:
-                cut -= 1
-            end = cut if end < len(offsets) and cut > start + 1 else end
-            b = offsets[end][0] if end < len(offsets) else len(text)
-            windows.append(text[offsets[start][0]:b])
-            start = end
-        return [w for w in windows if w.strip()] or [text]
+        return split_with_tokenizer(self._counter, text, max_tokens)
 
     def embed(self, texts, task):
         """Mean of token vectors; model2vec reconfigures its tokenizer per call, hence the lock."""

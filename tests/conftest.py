@@ -113,6 +113,17 @@ def wait_http(url: str, timeout: float, want: int = 204, proc=None) -> None:
     raise TimeoutError(f"{url} did not answer {want} within {timeout} s")
 
 
+def stop_process(proc, timeout: float = 30) -> None:
+    """SIGTERM a process we started, then SIGKILL it if it outlives `timeout`."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @contextlib.contextmanager
 def vecshim_serve(*args: str, env: dict | None = None, ready_timeout: float = 120, log_path=None):
     """Run the real `vecshim serve` (gunicorn) on a free port; stop it by PID afterwards."""
@@ -125,12 +136,6 @@ def vecshim_serve(*args: str, env: dict | None = None, ready_timeout: float = 12
         wait_http(f"http://127.0.0.1:{port}/.well-known/ready", ready_timeout, proc=proc)
         yield proc, port
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
         if log_path:
             log.close()

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import VENV_BIN, free_port, wait_http
+from conftest import VENV_BIN, free_port, wait_http, stop_process
 from goclient import GoClient
 from vecshim.scaffold import create_plugin, plugin_files
 from vecshim import VecshimError
@@ -88,11 +88,5 @@ def test_scaffold_installs_passes_the_kit_and_serves(tmp_path):
         assert {"name": "acme-embed", "version": "0.1.0", "hooks": ["register_backends"]} in meta["plugins"]
         client.close()
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc)
         log.close()

@@ -7,7 +7,7 @@ from typing import Any, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["Backend", "BackendOptions", "Task", "TASKS"]
+__all__ = ["Backend", "BackendOptions", "Task", "TASKS", "count_with_tokenizer", "split_with_tokenizer"]
 
 #: Weaviate's two task types; `passage` is used when a request names none.
 Task = Literal["query", "passage"]
@@ -15,6 +15,33 @@ TASKS: tuple[str, ...] = ("query", "passage")
 
 #: Characters per token used when a backend has no tokenizer of its own.
 CHARS_PER_TOKEN = 4
+
+
+def count_with_tokenizer(tokenizer, texts: Sequence[str]) -> list[int]:
+    """Token counts (no special tokens) from a Hugging Face `tokenizers.Tokenizer`."""
+    return [len(e.ids) for e in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+
+def split_with_tokenizer(tokenizer, text: str, max_tokens: int) -> list[str]:
+    """Cut `text` at token offsets into windows of at most `max_tokens` tokens.
+
+    A cut backs off (by at most half a window) to a token that starts a word,
+    so no window begins mid-word (a split word can re-tokenize longer).
+    """
+    offsets = tokenizer.encode(text, add_special_tokens=False).offsets
+    windows, start = [], 0
+    while start < len(offsets):
+        end = min(start + max_tokens, len(offsets))
+        if end < len(offsets):
+            cut = end
+            while cut > start + max_tokens // 2 and offsets[cut][0] == offsets[cut - 1][1]:
+                cut -= 1
+            end = cut if cut > start + max_tokens // 2 else end
+        a = offsets[start][0]
+        b = offsets[end][0] if end < len(offsets) else len(text)
+        windows.append(text[a:b].strip() or text[a:b])
+        start = end
+    return [w for w in windows if w.strip()] or [text]
 
 
 class BackendOptions(BaseModel):

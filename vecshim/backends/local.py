@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from ..backend import Backend, BackendOptions
+from ..backend import Backend, BackendOptions, count_with_tokenizer, split_with_tokenizer
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from .runtimes import RUNTIME_MODULES, default_cache_dir
@@ -225,27 +225,13 @@ class SentenceTransformersBackend(Backend):
         """Exact token counts (without special tokens) from the model's tokenizer."""
         if self._counter is None:
             return super().count_tokens(texts)
-        return [len(e.ids) for e in self._counter.encode_batch(list(texts), add_special_tokens=False)]
+        return count_with_tokenizer(self._counter, texts)
 
     def split_text(self, text: str, max_tokens: int) -> list[str]:
         """Cut at token boundaries, preferring word starts, into windows of <= max_tokens."""
         if self._counter is None:
             return super().split_text(text, max_tokens)
-        offsets = self._counter.encode(text, add_special_tokens=False).offsets
-        windows, start = [], 0
-        while start < len(offsets):
-            end = min(start + max_tokens, len(offsets))
-            if end < len(offsets):
-                # Back off to a token that starts a word, so no window begins mid-word.
-                cut = end
-                while cut > start + max_tokens // 2 and offsets[cut][0] == offsets[cut - 1][1]:
-                    cut -= 1
-                end = cut if cut > start + max_tokens // 2 else end
-            a = offsets[start][0]
-            b = offsets[end][0] if end < len(offsets) else len(text)
-            windows.append(text[a:b].strip() or text[a:b])
-            start = end
-        return windows or [text]
+        return split_with_tokenizer(self._counter, text, max_tokens)
 
     def embed(self, texts, task):
         """One forward pass over `texts` (the core already grouped them by length)."""
