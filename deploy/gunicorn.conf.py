@@ -27,6 +27,7 @@ control_socket_disable = True
 max_requests = int(os.environ.get("VECSHIM_MAX_REQUESTS", "0"))   # worker recycling, 0 = off
 max_requests_jitter = int(os.environ.get("VECSHIM_MAX_REQUESTS_JITTER", "0"))
 
+post_fork = HOOKS["post_fork"]
 post_worker_init = HOOKS["post_worker_init"]
 worker_exit = HOOKS["worker_exit"]
 child_exit = HOOKS["child_exit"]

@@ -197,3 +197,26 @@ def test_plain_gunicorn_with_the_shipped_config(tmp_path):
     finally:
         stop(proc)
     assert proc.returncode == 0
+
+
+def test_requests_gunicorn_rejects_still_get_json(tmp_path):
+    """A malformed request line or oversized headers never reach Flask; the reply is JSON anyway."""
+    import socket
+
+    proc = start(tmp_path, fake_model())
+    try:
+        for raw in (b"GARBAGE\r\n\r\n", b"GET /meta HTTP/9.9\r\nHost: x\r\n\r\n",
+                    b"GET /meta HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n"):
+            with socket.create_connection(("127.0.0.1", proc.port), timeout=10) as sock:
+                sock.sendall(raw)
+                data = b""
+                while chunk := sock.recv(65536):
+                    data += chunk
+            head, _, body = data.partition(b"\r\n\r\n")
+            status = int(head.split()[1])
+            assert 400 <= status < 500, head
+            assert b"content-type: application/json" in head.lower(), head
+            assert json.loads(body)["error"].startswith(str(status))
+        assert GoClient("127.0.0.1", proc.port).vectors("still serving").status == 200
+    finally:
+        stop(proc)

@@ -1,6 +1,7 @@
 """gunicorn with vecshim's defaults; models load in each worker after fork."""
 from __future__ import annotations
 
+import json
 import os
 import runpy
 import shutil
@@ -8,6 +9,7 @@ import signal
 import tempfile
 from pathlib import Path
 
+from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 
 from .errors import ConfigError
@@ -71,6 +73,20 @@ def _state(worker):
     return getattr(app, "extensions", {}).get("vecshim")
 
 
+def _write_json_error(sock, status_int, reason, mesg):
+    """gunicorn's reply to a request it cannot parse, as JSON instead of an HTML page."""
+    body = json.dumps({"error": f"{status_int} {reason}: {mesg}" if mesg else f"{status_int} {reason}"}).encode()
+    head = (f"HTTP/1.1 {status_int} {reason}\r\nConnection: close\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode("latin1")
+    gunicorn_util.write_nonblock(sock, head + body)
+
+
+def post_fork(server, worker):
+    """In each worker: requests gunicorn rejects before the app (bad request line,
+    oversized headers) get a JSON error too, like everything the app answers."""
+    gunicorn_util.write_error = _write_json_error
+
+
 def post_worker_init(worker):
     """On SIGTERM turn readiness 503 at once, then let gunicorn drain gracefully."""
     state = _state(worker)
@@ -119,7 +135,7 @@ def remove_metrics_dir(path: str | None) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-HOOKS = {"post_worker_init": post_worker_init, "worker_exit": worker_exit, "child_exit": child_exit}
+HOOKS = {"post_fork": post_fork, "post_worker_init": post_worker_init, "worker_exit": worker_exit, "child_exit": child_exit}
 
 
 class VecshimServer(BaseApplication):
