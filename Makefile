@@ -12,11 +12,11 @@ export PIP_DISABLE_PIP_VERSION_CHECK = 1
 setup: $(VENV)/.installed
 
 # torch first, pinned, so sentence-transformers does not pull a multi-GB CUDA build.
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0 $(TORCH_PIP_ARGS)
-	$(BIN)/pip install -q -e '.[all,test]'
+	$(BIN)/pip install -q -c requirements.lock -e '.[all,test]'
 	touch $@
 
 serve: setup
@@ -45,6 +45,12 @@ bench: setup
 # Issue 5: rate-limited fake OpenAI upstream, micro-batched vs one text per call.
 bench-hosted: setup
 	$(BIN)/python bench/hosted.py --duration 15 --max-size 32 --max-wait-ms 30
+
+# Re-pin requirements.lock from the current venv (after changing setup.cfg).
+lock: setup
+	{ echo "# Exact versions the test suite passed with ($$(date -u +%F), Python 3.11, Linux x86_64)."; \
+	  echo "# make setup installs with these as constraints; regenerate with: make lock"; \
+	  $(BIN)/pip freeze --exclude-editable | sed 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/'; } > requirements.lock
 
 clean:
 	rm -rf $(VENV) build *.egg-info
