@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import shlex
-import signal
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,7 @@ REPO = BENCH.parent
 sys.path.append(str(REPO / "tests"))  # after bench/: both hold a goclient.py
 
 from fakes.openai_upstream import FakeOpenAI  # noqa: E402
-from run_all import free_port, run_json, wait_ready  # noqa: E402
+from run_all import free_port, run_json, stop_server, wait_ready  # noqa: E402
 
 KEY = "sk-bench-0123456789abcdef"
 KEY_ENV = "VECSHIM_BENCH_OPENAI_KEY"
@@ -104,21 +103,6 @@ def start_server(config: dict, workdir: Path, name: str, args) -> tuple[subproce
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
                                 start_new_session=True)
     return proc, f"http://127.0.0.1:{port}", log_path
-
-
-def stop_server(proc: subprocess.Popen, grace: float = 30.0) -> None:
-    """SIGTERM our server PID, wait, then its own process group (only ours)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(grace)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def load(url: str, args, *, seconds: float, requests: int | None, seed: int) -> dict:

@@ -31,7 +31,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from vecshim import Backend, BackendOptions, ConfigError, hookimpl
-from vecshim.backend import count_with_tokenizer, split_with_tokenizer
+from vecshim.backend import TokenizerTextMixin
 
 log = logging.getLogger("vecshim.plugins.model2vec")
 BUNDLED = "bundled"
@@ -72,7 +72,7 @@ def _source_path(name: str) -> Path:
     return path
 
 
-class Model2VecBackend(Backend):
+class Model2VecBackend(TokenizerTextMixin, Backend):
     """Embeds with a static model2vec model, distilling it first if needed."""
 
     name = "model2vec"
@@ -159,18 +159,6 @@ class Model2VecBackend(Backend):
     def fingerprint_parts(self) -> dict[str, Any]:
         """The model id (source and PCA size for a distilled model) names the space."""
         return {"model": self.model_id, "runtime": "model2vec"}
-
-    def count_tokens(self, texts):
-        """Exact token counts (without special tokens) from the model's tokenizer."""
-        if self._counter is None:
-            return super().count_tokens(texts)
-        return count_with_tokenizer(self._counter, texts)
-
-    def split_text(self, text: str, max_tokens: int) -> list[str]:
-        """Cut at token boundaries, preferring word starts, into windows of <= max_tokens."""
-        if self._counter is None:
-            return super().split_text(text, max_tokens)
-        return split_with_tokenizer(self._counter, text, max_tokens)
 
     def embed(self, texts, task):
         """Mean of token vectors; model2vec reconfigures its tokenizer per call, hence the lock."""

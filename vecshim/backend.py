@@ -7,7 +7,8 @@ from typing import Any, ClassVar, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict
 
-__all__ = ["Backend", "BackendOptions", "Task", "TASKS", "count_with_tokenizer", "split_with_tokenizer"]
+__all__ = ["Backend", "BackendOptions", "Task", "TASKS", "count_with_tokenizer", "split_with_tokenizer",
+           "TokenizerTextMixin"]
 
 #: Weaviate's two task types; `passage` is used when a request names none.
 Task = Literal["query", "passage"]
@@ -125,3 +126,25 @@ class Backend(ABC):
 
     def close(self) -> None:
         """Release clients and threads at shutdown."""
+
+
+class TokenizerTextMixin:
+    """`count_tokens` and `split_text` from a `tokenizers.Tokenizer` kept in `self._counter`.
+
+    Put it before `Backend` in the bases; until `load()` sets `_counter`, the
+    character-based estimates of `Backend` apply.
+    """
+
+    _counter = None
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Exact token counts (without special tokens) from the model's tokenizer."""
+        if self._counter is None:
+            return super().count_tokens(texts)
+        return count_with_tokenizer(self._counter, texts)
+
+    def split_text(self, text: str, max_tokens: int) -> list[str]:
+        """Cut at token boundaries, preferring word starts, into windows of <= max_tokens."""
+        if self._counter is None:
+            return super().split_text(text, max_tokens)
+        return split_with_tokenizer(self._counter, text, max_tokens)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from ..backend import Backend, BackendOptions, count_with_tokenizer, split_with_tokenizer
+from ..backend import Backend, BackendOptions, TokenizerTextMixin
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 from .runtimes import RUNTIME_MODULES, default_cache_dir
@@ -89,7 +89,7 @@ class SentenceTransformersOptions(BackendOptions):
     onnx_cache_dir: str | None = None
 
 
-class SentenceTransformersBackend(Backend):
+class SentenceTransformersBackend(TokenizerTextMixin, Backend):
     """Runs a sentence-transformers model in-process on CPU (or a configured device)."""
 
     name = "sentence-transformers"
@@ -220,18 +220,6 @@ class SentenceTransformersBackend(Backend):
         return {"model": self.model_id, "revision": self.options.revision, "runtime": self.vector_space,
                 "max_seq_length": getattr(self._model, "max_seq_length", None),
                 "prompts": dict(self._prompts)}
-
-    def count_tokens(self, texts):
-        """Exact token counts (without special tokens) from the model's tokenizer."""
-        if self._counter is None:
-            return super().count_tokens(texts)
-        return count_with_tokenizer(self._counter, texts)
-
-    def split_text(self, text: str, max_tokens: int) -> list[str]:
-        """Cut at token boundaries, preferring word starts, into windows of <= max_tokens."""
-        if self._counter is None:
-            return super().split_text(text, max_tokens)
-        return split_with_tokenizer(self._counter, text, max_tokens)
 
     def embed(self, texts, task):
         """One forward pass over `texts` (the core already grouped them by length)."""
