@@ -187,3 +187,26 @@ def test_request_timeout_is_a_504_json(serve):
     r = s.client().vectors("slow")
     assert r.status == 504 and "0.2" in r.json()["error"]
     assert s.client().request("GET", "/meta").status == 200
+
+
+def test_watchdog_replaces_a_worker_stuck_in_a_hung_call():
+    release = threading.Event()
+
+    def embed(texts, key):
+        if "HANG" in texts:
+            release.wait(10)
+        return texts
+
+    b = make(embed, max_size=1, stuck_after_s=0.2)
+    hung = b.submit(["HANG"], [1], None)
+    with pytest.raises(InferenceTimeout):
+        b.wait(hung, 0.1)
+    start = time.monotonic()
+    assert b.wait(b.submit(["after"], [1], None), 3) == ["after"]  # served by the replacement
+    assert 0.1 < time.monotonic() - start < 1.5
+    release.set()
+    deadline = time.monotonic() + 3
+    while sum(t.is_alive() for t in b._threads) > 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert sum(t.is_alive() for t in b._threads) == 1  # the stuck thread retired when it returned
+    assert b.close(3)

@@ -103,7 +103,8 @@ class Batcher:
                  cost: tuple[float, float, float] | None = None,
                  on_batch: Callable[[int, float, float], None] | None = None,
                  on_depth: Callable[[int], None] | None = None,
-                 thread_init: Callable[[], None] | None = None):
+                 thread_init: Callable[[], None] | None = None,
+                 stuck_after_s: float | None = None):
         self.name = name
         self.embed_fn = embed_fn
         self.max_size = max_size
@@ -120,10 +121,38 @@ class Batcher:
         self._closed = False
         self._busy = 0
         self._last_size = 0
-        self._threads = [threading.Thread(target=self._run, name=f"vecshim-batch-{name}-{i}", daemon=True)
-                         for i in range(workers)]
-        for t in self._threads:
-            t.start()
+        self._workers = workers
+        self._threads: list[threading.Thread] = []
+        self._calls: dict[int, float] = {}  # thread id -> start of its current backend call
+        self._stuck: set[int] = set()       # threads replaced while hung; they retire on return
+        for _ in range(workers):
+            self._spawn()
+        if stuck_after_s:
+            threading.Thread(target=self._watch, args=(stuck_after_s,), daemon=True,
+                             name=f"vecshim-watchdog-{name}").start()
+
+    def _spawn(self) -> None:
+        t = threading.Thread(target=self._run, name=f"vecshim-batch-{self.name}-{len(self._threads)}", daemon=True)
+        self._threads.append(t)
+        t.start()
+
+    def _watch(self, stuck_after: float) -> None:
+        """Replace a worker whose backend call outlived `stuck_after` (a hung plugin).
+
+        Its callers already got a 504; without a replacement every later text
+        of this model would too. At most 4 x workers threads may hang at once.
+        """
+        while not self._closed:
+            time.sleep(min(1.0, stuck_after / 4))
+            now = time.monotonic()
+            with self._cond:
+                for ident, started in list(self._calls.items()):
+                    if now - started > stuck_after and ident not in self._stuck \
+                            and len(self._stuck) < 4 * self._workers:
+                        self._stuck.add(ident)
+                        log.error("model %r: a backend call has run for %.0f s; starting a replacement "
+                                  "encoder thread", self.name, now - started)
+                        self._spawn()
 
     @property
     def depth(self) -> int:
@@ -226,10 +255,19 @@ class Batcher:
                 with self._cond:
                     self._busy -= len(batch)
                     self._cond.notify_all()
+                    me = threading.get_ident()
+                    if me in self._stuck:  # a replacement took over while this call hung
+                        self._stuck.discard(me)
+                        return
 
     def _embed(self, items: list[Item]) -> None:
+        me = threading.get_ident()
         try:
-            vectors = self.embed_fn([it.text for it in items], items[0].key)
+            self._calls[me] = time.monotonic()  # the watchdog reads it
+            try:
+                vectors = self.embed_fn([it.text for it in items], items[0].key)
+            finally:
+                self._calls.pop(me, None)
         except Exception as err:
             if len(items) > 1 and not _is_transient(err):
                 mid = len(items) // 2
@@ -250,6 +288,6 @@ class Batcher:
             self._closed = True
             self._cond.notify_all()
         deadline = time.monotonic() + timeout
-        for t in self._threads:
+        for t in list(self._threads):
             t.join(max(0.0, deadline - time.monotonic()))
         return not any(t.is_alive() for t in self._threads)

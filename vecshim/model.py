@@ -139,7 +139,8 @@ class Model:
                 max_queue=self.cfg.batch.max_queue, backend_max_size=self.backend.max_batch_size,
                 max_batch_tokens=self.backend.max_batch_tokens, cost=self.backend.batch_cost,
                 on_batch=self.stats.batch_observer(self.name) if self.stats else None,
-                on_depth=self.stats.depth_observer(self.name) if self.stats else None)
+                on_depth=self.stats.depth_observer(self.name) if self.stats else None,
+                stuck_after_s=self.cfg.timeout_s)
         # A cold model may be slow on its first call: allow more than a request gets.
         vec = self.batcher.wait(self.batcher.submit([WARMUP_TEXT], [8], "passage"), max(self.cfg.timeout_s, 120))[0]
         self.dimension = int(vec.shape[0])
