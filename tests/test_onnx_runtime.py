@@ -137,3 +137,44 @@ def test_concurrent_exports_publish_one_folder(tmp_path, st_model):
     ref = st_model.encode("hello")
     for out, _ in outs:
         assert cos(json.loads(out.strip().splitlines()[-1]), ref) >= 0.9999
+
+
+LIGHT_PROBE = r"""
+import json, sys
+from vecshim.app import create_app
+app = create_app(json.loads(sys.argv[1]), load_entrypoints=False)
+state = app.extensions["vecshim"]
+assert state.wait_ready(60), state.not_ready_reason()
+model = state.models["minilm"]
+texts = json.loads(sys.argv[2])
+# One text per call, as the sequential HTTP requests below are: onnx-int8 quantises
+# activations per call, so its vectors shift slightly with their batch mates.
+vectors = [model.embed([t], task)[0] for task in ("query", "passage") for t in texts]
+print(json.dumps({"torch": "torch" in sys.modules, "st": "sentence_transformers" in sys.modules,
+                  "light": model.backend._light is not None, "fingerprint": model.fingerprint,
+                  "check": model.backend._check["min_cosine_vs_torch"],
+                  "vectors": [v.tolist() for v in vectors]}))
+state.close()
+"""
+
+
+@pytest.mark.parametrize("runtime", ["onnx", "onnx-int8"])
+def test_cached_export_loads_without_torch_and_gives_the_same_vectors(served, cache_dir, runtime):
+    """A restart with the export cached never imports torch or sentence-transformers."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", LIGHT_PROBE, json.dumps(config(runtime, cache_dir)),
+                           json.dumps(TEXTS)], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["light"] and not out["torch"] and not out["st"]
+    # The same vectors and the same fingerprint as the process that exported with torch.
+    assert out["fingerprint"] == meta(served[runtime])["fingerprint"]
+    assert out["check"] == meta(served[runtime])["model"]["runtime_check"]["min_cosine_vs_torch"]
+    c = served[runtime].client()
+    for i, text in enumerate(TEXTS):
+        for j, task in enumerate(("query", "passage")):
+            want = c.vectors(text, task_type=task).json()["vector"]
+            assert cos(out["vectors"][j * len(TEXTS) + i], want) >= 0.99999

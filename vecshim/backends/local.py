@@ -116,6 +116,8 @@ class SentenceTransformersBackend(TokenizerTextMixin, Backend):
         self._counter = None
         self._tok_lock = threading.Lock()
         self._prompts: dict[str, str] = {"query": "", "passage": ""}
+        self._light = None  # the torch-free ONNX pipeline, when a cached export allows it
+        self._max_seq_length: int | None = None
 
     def _resolve_runtime(self, options: SentenceTransformersOptions) -> str:
         """The configured runtime, `auto` resolved; a missing extra is a config error."""
@@ -139,13 +141,15 @@ class SentenceTransformersBackend(TokenizerTextMixin, Backend):
 
     def load(self) -> None:
         """Load weights (offline for the bundled model), set threads, load the ONNX encoder if asked."""
+        opts = self.options
+        threads = opts.threads or max(1, available_cpus() // (self.concurrency or 1))
+        if self.runtime != "torch" and self._load_light(threads):
+            return
         try:
             import torch
             from sentence_transformers import SentenceTransformer
         except ImportError:
             raise ConfigError("backend 'sentence-transformers' needs: pip install 'vecshim[local]'") from None
-        opts = self.options
-        threads = opts.threads or max(1, available_cpus() // (self.concurrency or 1))
         if opts.device == "cpu":
             # With ONNX, torch only pools: the encoder threads are ONNX Runtime's.
             torch.set_num_threads(threads if self.runtime == "torch" else 1)
@@ -165,13 +169,8 @@ class SentenceTransformersBackend(TokenizerTextMixin, Backend):
         tok = model.tokenizer
         self.max_input_tokens = model.max_seq_length - tok.num_special_tokens_to_add(pair=False)
         self.normalized = any(type(m).__name__ == "Normalize" for m in model)
-        for task, opt, default in (("query", opts.query_prompt_name, "query"),
-                                   ("passage", opts.passage_prompt_name, "document")):
-            name = opt or default
-            if opt and opt not in model.prompts:
-                raise ConfigError(f"prompt {opt!r} is not one of the model's prompts {sorted(model.prompts)}")
-            self._prompts[task] = model.prompts.get(name) or ""
-        self.task_aware = self._prompts["query"] != self._prompts["passage"]
+        self._set_prompts(model.prompts)
+        self._max_seq_length = model.max_seq_length
         # A private tokenizer for counting, never reconfigured, so request
         # threads can use it while encoder threads pad and truncate theirs.
         from tokenizers import Tokenizer
@@ -182,12 +181,52 @@ class SentenceTransformersBackend(TokenizerTextMixin, Backend):
         if self.runtime != "torch":
             self._load_onnx(threads)
 
+    def _set_prompts(self, prompts: dict[str, str]) -> None:
+        opts = self.options
+        for task, opt, default in (("query", opts.query_prompt_name, "query"),
+                                   ("passage", opts.passage_prompt_name, "document")):
+            if opt and opt not in prompts:
+                raise ConfigError(f"prompt {opt!r} is not one of the model's prompts {sorted(prompts)}")
+            self._prompts[task] = prompts.get(opt or default) or ""
+        self.task_aware = self._prompts["query"] != self._prompts["passage"]
+
+    def _cache_dir(self) -> Path:
+        return Path(self.options.onnx_cache_dir) if self.options.onnx_cache_dir else default_cache_dir()
+
+    def _model_dir(self) -> Path | None:
+        return Path(self.path) if Path(self.path).is_dir() else None
+
+    def _load_light(self, threads: int) -> bool:
+        """Load a cached ONNX export without torch (see onnx_light.py); False if there is none."""
+        from .onnx_light import MANIFEST, LightModel, dir_digest
+        from .runtimes import cache_key, check_verdict
+
+        if self._model_dir() is None:  # a hub id: only sentence-transformers can resolve it
+            return False
+        key = cache_key(self.model_id, self.runtime, dir_digest(self._model_dir()), self._requested_seq_length())
+        folder = self._cache_dir() / key
+        if not all((folder / f).exists() for f in (MANIFEST, "check.json", "model.onnx", "tokenizer.json")):
+            return False
+        light = LightModel(folder, threads, self.options.max_seq_length)
+        self._set_prompts(light.prompts)
+        self.max_input_tokens = light.max_input_tokens
+        self.normalized = light.normalize
+        self._max_seq_length = light.max_seq_length
+        self._counter = light.counter
+        self._light = light
+        self._check = check_verdict(folder, self.runtime, light.encode)
+        return True
+
+    def _requested_seq_length(self) -> int | None:
+        """The sequence length the export's check vectors were computed with (None: the model's)."""
+        return self.options.max_seq_length
+
     def _load_onnx(self, threads: int) -> None:
         from .runtimes import load_encoder
 
-        cache = Path(self.options.onnx_cache_dir) if self.options.onnx_cache_dir else default_cache_dir()
-        self._encoder, self._check = load_encoder(self._model, self.model_id, self.runtime, cache,
-                                                  threads, self._preprocess)
+        self._encoder, self._check = load_encoder(self._model, self.model_id, self.runtime, self._cache_dir(),
+                                                  threads, self._preprocess, self._model_dir(),
+                                                  self._requested_seq_length())
         # The torch copy of the encoder weights is no longer needed (about 90 MB for MiniLM).
         self._model[0].auto_model.to("meta")
 
@@ -208,7 +247,7 @@ class SentenceTransformersBackend(TokenizerTextMixin, Backend):
                 "device": self.options.device, "runtime": self.runtime, "vector_space": self.vector_space,
                 **({"runtime_check": {k: v for k, v in self._check.items() if k != "cache"}}
                    if self._check else {}),
-                "max_seq_length": getattr(self._model, "max_seq_length", None),
+                "max_seq_length": self._max_seq_length,
                 "prompts": dict(self._prompts)}
 
     def fingerprint_parts(self) -> dict[str, Any]:
@@ -218,11 +257,13 @@ class SentenceTransformersBackend(TokenizerTextMixin, Backend):
         (cosine >= 0.9999), so it shares caches and fallbacks with torch; int8 never does.
         """
         return {"model": self.model_id, "revision": self.options.revision, "runtime": self.vector_space,
-                "max_seq_length": getattr(self._model, "max_seq_length", None),
+                "max_seq_length": self._max_seq_length,
                 "prompts": dict(self._prompts)}
 
     def embed(self, texts, task):
         """One forward pass over `texts` (the core already grouped them by length)."""
+        if self._light is not None:
+            return self._light.encode(list(texts), self._prompts[task] or None)
         import torch
 
         model = self._model

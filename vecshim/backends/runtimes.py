@@ -30,8 +30,10 @@ from typing import Any
 
 import numpy as np
 
+from .onnx_light import MANIFEST, write_manifest
+
 __all__ = ["RUNTIMES", "RUNTIME_MODULES", "CHECK_TEXTS", "EQUIVALENT_COS", "default_cache_dir",
-           "OnnxEncoder", "load_encoder"]
+           "OnnxEncoder", "load_encoder", "cache_key", "check_verdict"]
 
 log = logging.getLogger("vecshim.backends.runtimes")
 
@@ -82,15 +84,31 @@ def _weights_digest(module) -> str:
     return h.hexdigest()
 
 
-def _cache_key(st_model, model_id: str, runtime: str) -> str:
-    import onnxruntime
-    import torch
+def cache_key(model_id: str, runtime: str, weights: str, max_seq_length: int | None) -> str:
+    """Folder name of an export: model, runtime, weights digest, sequence length, versions."""
+    from .onnx_light import versions
 
-    parts = {"model": model_id, "runtime": runtime, "weights": _weights_digest(st_model[0].auto_model),
-             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "v": EXPORT_VERSION}
+    parts = {"model": model_id, "runtime": runtime, "weights": weights, "max_seq_length": max_seq_length,
+             **versions(), "v": EXPORT_VERSION}
     digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
     slug = "".join(c if c.isalnum() or c in "-." else "_" for c in model_id.split("/")[-1])
     return f"{slug}-{runtime}-{digest}"
+
+
+def weights_id(st_model, model_dir: Path | None) -> str:
+    """A local model folder is identified by its files (no torch needed), else by its weights."""
+    from .onnx_light import dir_digest
+
+    return dir_digest(model_dir) if model_dir is not None else _weights_digest(st_model[0].auto_model)
+
+
+def check_verdict(folder: Path, runtime: str, embed) -> dict[str, Any]:
+    """Compare `embed(check texts)` with torch's vectors stored at export time."""
+    check = json.loads((folder / "check.json").read_text())
+    cos = _cosines(np.asarray(embed(check["texts"]), np.float32), np.asarray(check["torch_vectors"], np.float32))
+    return {"cache": str(folder), "check_texts": len(cos), "min_cosine_vs_torch": round(float(cos.min()), 6),
+            "mean_cosine_vs_torch": round(float(cos.mean()), 6),
+            "torch_equivalent": runtime == "onnx" and bool(cos.min() >= EQUIVALENT_COS)}
 
 
 class OnnxEncoder:
@@ -190,6 +208,7 @@ def _export(st_model, runtime: str, folder: Path) -> None:
         _export_fp32(st_model, fp32)
     check = {"texts": list(CHECK_TEXTS), "torch_vectors": _torch_vectors(st_model).tolist(),
              "exported_in_s": round(time.monotonic() - start, 2)}
+    write_manifest(st_model, folder)  # lets later starts skip torch (onnx_light.py)
     (folder / "check.json").write_text(json.dumps(check))
 
 
@@ -222,19 +241,20 @@ def _publish(st_model, runtime: str, cache_dir: Path, key: str) -> Path:
 
 
 def load_encoder(st_model, model_id: str, runtime: str, cache_dir: Path, threads: int,
-                 preprocess) -> tuple[OnnxEncoder, dict[str, Any]]:
+                 preprocess, model_dir: Path | None = None,
+                 max_seq_length: int | None = None) -> tuple[OnnxEncoder, dict[str, Any]]:
     """Load (exporting on first use) the encoder for `runtime`; return it and its check verdict.
 
     The verdict compares this runtime's vectors for the check set with torch's
     vectors stored at export time, on every load (a few ms), so a changed
     ONNX Runtime or CPU cannot silently move the vectors.
     """
-    key = _cache_key(st_model, model_id, runtime)
+    key = cache_key(model_id, runtime, weights_id(st_model, model_dir), max_seq_length)
     folder = _publish(st_model, runtime, cache_dir, key)
+    if not (folder / MANIFEST).exists():  # an export from before manifests existed
+        try:
+            write_manifest(st_model, folder)
+        except OSError:
+            pass
     encoder = OnnxEncoder(st_model, folder / "model.onnx", threads)
-    check = json.loads((folder / "check.json").read_text())
-    cos = _cosines(encoder(preprocess(check["texts"])), np.asarray(check["torch_vectors"], np.float32))
-    verdict = {"cache": str(folder), "check_texts": len(cos), "min_cosine_vs_torch": round(float(cos.min()), 6),
-               "mean_cosine_vs_torch": round(float(cos.mean()), 6),
-               "torch_equivalent": runtime == "onnx" and bool(cos.min() >= EQUIVALENT_COS)}
-    return encoder, verdict
+    return encoder, check_verdict(folder, runtime, lambda texts: encoder(preprocess(texts)))

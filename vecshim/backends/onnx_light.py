@@ -1,0 +1,135 @@
+"""Torch-free loading of a cached ONNX export: `tokenizers` + ONNX Runtime + numpy pooling.
+
+The first start exports through torch and sentence-transformers
+(`runtimes.py`) and writes `manifest.json` next to the export: everything the
+model's sentence-transformers pipeline does around the encoder (lower-casing,
+sequence length, prompts, pooling, normalisation). Later starts load only the
+export and that manifest, skipping ~3.5 s of importing torch, transformers and
+sentence-transformers. The check set still runs on every load, so any
+difference to torch's vectors shows in the verdict and the fingerprint.
+
+Only pipelines of Transformer -> Pooling (mean or CLS) [-> Normalize] get a
+manifest; any other model keeps the full sentence-transformers path.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["MANIFEST", "dir_digest", "write_manifest", "LightModel"]
+
+MANIFEST = "manifest.json"
+
+
+def dir_digest(folder: Path) -> str:
+    """Content hash of every file of a local model folder (its identity for the cache)."""
+    h = hashlib.blake2b(digest_size=16)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "README.md"):
+        h.update(str(path.relative_to(folder)).encode())
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def versions() -> dict[str, str]:
+    """Versions that can change an export, read without importing the packages."""
+    out = {}
+    for dist in ("torch", "onnxruntime"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = "-"
+    return out
+
+
+def write_manifest(st_model, folder: Path) -> bool:
+    """Describe the pipeline around the encoder into `folder`; False if it is not supported."""
+    modules = list(st_model)
+    names = [type(m).__name__ for m in modules]
+    if names not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+        return False
+    pooling = modules[1]
+    mode = getattr(pooling, "pooling_mode", None) or (
+        "mean" if getattr(pooling, "pooling_mode_mean_tokens", False) else
+        "cls" if getattr(pooling, "pooling_mode_cls_token", False) else None)
+    if mode not in ("mean", "cls"):
+        return False
+    tok = st_model.tokenizer
+    manifest = {
+        "max_seq_length": st_model.max_seq_length,
+        "do_lower_case": bool(getattr(modules[0], "do_lower_case", False)),
+        "special_tokens": tok.num_special_tokens_to_add(pair=False),
+        "pooling": mode,
+        "normalize": names[-1] == "Normalize",
+        "prompts": dict(st_model.prompts),
+        "pad_id": tok.pad_token_id or 0,
+        "pad_token": tok.pad_token or "[PAD]",
+    }
+    tmp = folder / f".{MANIFEST}.{os.getpid()}"
+    (folder / "tokenizer.json.tmp").write_text(tok.backend_tokenizer.to_str())
+    os.replace(folder / "tokenizer.json.tmp", folder / "tokenizer.json")
+    tmp.write_text(json.dumps(manifest))
+    os.replace(tmp, folder / MANIFEST)
+    return True
+
+
+class LightModel:
+    """The sentence-transformers pipeline rebuilt from a manifest, without torch."""
+
+    def __init__(self, folder: Path, threads: int, max_seq_length: int | None = None):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        m = json.loads((folder / MANIFEST).read_text())
+        self.manifest = m
+        self.max_seq_length = max_seq_length or m["max_seq_length"]
+        self.prompts: dict[str, str] = m["prompts"]
+        self.normalize = m["normalize"]
+        self.counter = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.counter.no_truncation()
+        self.counter.no_padding()
+        # Configured once and never changed, so encoder threads may share it.
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.tokenizer.enable_truncation(self.max_seq_length)
+        self.tokenizer.enable_padding(pad_id=m["pad_id"], pad_token=m["pad_token"])
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(folder / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        self.inputs = [i.name for i in self.session.get_inputs()]
+
+    @property
+    def max_input_tokens(self) -> int:
+        """Tokens of text per window, special tokens excluded."""
+        return self.max_seq_length - self.manifest["special_tokens"]
+
+    def encode(self, texts: list[str], prompt: str | None = None) -> np.ndarray:
+        """Sentence embeddings, as the model's sentence-transformers pipeline computes them."""
+        if prompt:
+            texts = [prompt + t for t in texts]
+        if self.manifest["do_lower_case"]:
+            texts = [t.lower() for t in texts]
+        enc = self.tokenizer.encode_batch(texts)
+        feeds: dict[str, Any] = {
+            "input_ids": np.asarray([e.ids for e in enc], dtype=np.int64),
+            "attention_mask": np.asarray([e.attention_mask for e in enc], dtype=np.int64),
+            "token_type_ids": np.asarray([e.type_ids for e in enc], dtype=np.int64),
+        }
+        hidden = self.session.run(None, {k: feeds[k] for k in self.inputs})[0].astype(np.float32)
+        if self.manifest["pooling"] == "cls":
+            out = hidden[:, 0]
+        else:
+            mask = feeds["attention_mask"][..., None].astype(np.float32)
+            out = (hidden * mask).sum(1) / np.clip(mask.sum(1), 1e-9, None)
+        if self.normalize:
+            out = out / np.clip(np.linalg.norm(out, axis=1, keepdims=True), 1e-12, None)
+        return out.astype(np.float32)
