@@ -344,3 +344,12 @@ def test_go_json_helper_matches_go_escaping():
     assert go_json({"text": "<&>"}) == b'{"text":"\\u003c\\u0026\\u003e"}'
     assert json.loads(vec_request("x")) == {"text": "x", "dims": 0, "vector": None, "error": "",
                                             "config": {"pooling_strategy": "masked_mean", "task_type": "passage"}}
+
+
+def test_text_longer_than_the_server_limit_is_413_json(serve):
+    cfg = fake_config()
+    cfg["server"] = {"max_text_chars": 50}
+    s = serve(cfg)
+    err = assert_json_error(s.client().vectors("x" * 51), 413)
+    assert "51 characters" in err and "50" in err
+    assert s.client().vectors("x" * 50).status == 200

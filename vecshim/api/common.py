@@ -7,8 +7,9 @@ from flask import Response, current_app, request
 
 from ..errors import Unauthorized
 from ..wire import dumps
+from ..wire.inputs import check_limits
 
-__all__ = ["get_state", "json_response", "check_bearer"]
+__all__ = ["get_state", "json_response", "check_bearer", "checked_texts"]
 
 
 def get_state():
@@ -36,3 +37,10 @@ def check_bearer(tokens: list[str]) -> None:
     if not ok:
         raise Unauthorized("missing or invalid bearer token",
                            headers={"WWW-Authenticate": 'Bearer realm="vecshim"'})
+
+
+def checked_texts(texts: list[str], field: str) -> list[str]:
+    """`texts`, after the server's limits on text count and length (413 beyond them)."""
+    server = get_state().config.server
+    check_limits(texts, field, server.max_texts_per_request, server.max_text_chars)
+    return texts

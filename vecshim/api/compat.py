@@ -12,9 +12,8 @@ from flask import Blueprint, request
 
 from ..errors import UnknownModelError
 from ..wire.huggingface import parse_feature_request, render_feature_reply
-from ..wire.inputs import check_limits
 from ..wire.ollama import parse_embed_request, render_embed_reply
-from .common import check_bearer, get_state, json_response
+from .common import check_bearer, get_state, json_response, checked_texts
 
 __all__ = ["bp"]
 
@@ -32,12 +31,6 @@ def _ollama_model(name: str | None):
         raise
 
 
-def _checked(texts: list[str], field: str) -> list[str]:
-    server = get_state().config.server
-    check_limits(texts, field, server.max_texts_per_request, server.max_text_chars)
-    return texts
-
-
 @bp.post("/api/embed")
 def ollama_embed():
     """Ollama's embed API: `model` picks the model (absent: the default), `input` is one text or many."""
@@ -46,7 +39,7 @@ def ollama_embed():
     check_bearer(state.config.server.auth.embed_tokens)
     req = parse_embed_request(request.get_data(cache=False))
     model = _ollama_model(req.model)
-    vectors = model.embed(_checked(req.texts, "input"), "passage", req.dimensions)
+    vectors = model.embed(checked_texts(req.texts, "input"), "passage", req.dimensions)
     tokens = sum(model.backend.count_tokens(req.texts))
     return json_response(render_embed_reply(vectors, model.name, tokens, time.perf_counter_ns() - start))
 
@@ -58,5 +51,5 @@ def huggingface(name: str | None = None):
     state = get_state()
     check_bearer(state.config.server.auth.embed_tokens)
     model = state.get_model(name)
-    texts = _checked(parse_feature_request(request.get_data(cache=False)), "inputs")
+    texts = checked_texts(parse_feature_request(request.get_data(cache=False)), "inputs")
     return json_response(render_feature_reply(model.embed(texts, "passage")))

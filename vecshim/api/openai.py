@@ -14,11 +14,11 @@ from flask import Blueprint, request
 from werkzeug.exceptions import HTTPException
 
 from ..errors import UnknownModelError, VecshimError
-from ..wire.inputs import InvalidField, check_limits
+from ..wire.inputs import InvalidField
 from ..wire.openai import (
     RATE_LIMIT_HEADERS, parse_embeddings_request, render_embeddings_reply, render_error, render_model,
 )
-from .common import check_bearer, get_state, json_response
+from .common import check_bearer, get_state, json_response, checked_texts
 
 __all__ = ["bp", "wants_openai_errors", "openai_http_error"]
 
@@ -40,8 +40,7 @@ def embeddings():
     check_bearer(state.config.server.auth.embed_tokens)
     req = parse_embeddings_request(request.get_data(cache=False))
     model = state.resolve_model(req.model)
-    server = state.config.server
-    check_limits(req.texts, "input", server.max_texts_per_request, server.max_text_chars)
+    checked_texts(req.texts, "input")
     try:
         model.check_dimensions(req.dimensions)
     except VecshimError as err:

@@ -4,8 +4,7 @@ from __future__ import annotations
 from flask import Blueprint, Response, request
 
 from ..wire.weaviate import parse_vectors_request, render_vectors_reply
-from ..errors import PayloadTooLarge
-from .common import check_bearer, get_state, json_response
+from .common import check_bearer, checked_texts, get_state, json_response
 
 bp = Blueprint("weaviate", __name__)
 
@@ -45,8 +44,6 @@ def vectors(name: str | None = None):
     check_bearer(state.config.server.auth.embed_tokens)
     model = state.get_model(name)
     req = parse_vectors_request(request.get_data(cache=False))
-    limit = state.config.server.max_text_chars
-    if len(req.text) > limit:
-        raise PayloadTooLarge(f"text has {len(req.text)} characters; the limit is {limit}")
+    checked_texts([req.text], "text")
     vector = model.embed([req.text], req.task, req.dimensions)[0]
     return json_response(render_vectors_reply(req.text, vector))
