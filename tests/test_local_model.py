@@ -7,22 +7,12 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import vecshim_serve
+from conftest import REFERENCE_TEXTS, cos, vecshim_serve
 from goclient import GoClient, vec_request
 
 pytestmark = pytest.mark.slow
 
-TEXTS = [
-    "Article The London Eye is a ferris wheel on the South Bank of the River Thames",
-    "short",
-    "A much longer passage about embeddings, vector databases and how Weaviate stores objects " * 3,
-    "Ünïcödé & <html> \u2028 漢字 🙂",
-]
-
-
-def cos(a, b):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+TEXTS = REFERENCE_TEXTS
 
 
 def test_vectors_match_sentence_transformers(minilm, st_model):

@@ -4,10 +4,9 @@ from __future__ import annotations
 import json
 import time
 
-import numpy as np
 import pytest
 
-from conftest import Served
+from conftest import REFERENCE_TEXTS, Served, cos
 from vecshim.app import create_app
 from vecshim.backends.local import SentenceTransformersBackend
 from vecshim.errors import ConfigError
@@ -15,17 +14,7 @@ from vecshim.errors import ConfigError
 pytestmark = pytest.mark.slow
 pytest.importorskip("onnxruntime")
 
-TEXTS = [
-    "Article The London Eye is a ferris wheel on the South Bank of the River Thames",
-    "short",
-    "A much longer passage about embeddings, vector databases and how Weaviate stores objects " * 3,
-    "Ünïcödé & <html> \u2028 漢字 🙂",
-]
-
-
-def cos(a, b):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+TEXTS = REFERENCE_TEXTS
 
 
 def config(runtime: str, cache) -> dict:
