@@ -73,7 +73,8 @@ def metric(text: str, name: str, **labels) -> float:
 
 
 def test_sigterm_finishes_every_in_flight_request_and_readiness_turns_503(tmp_path):
-    proc = start(tmp_path, {**fake_model(delay_s=0.3), "cache": {"enabled": False}})
+    # One worker: the watcher connection and the requests must reach the same process.
+    proc = start(tmp_path, {**fake_model(delay_s=0.3), "cache": {"enabled": False}}, "--workers", "1")
     try:
         watcher = GoClient("127.0.0.1", proc.port)
         assert watcher.request("GET", "/.well-known/ready").status == 204
