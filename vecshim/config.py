@@ -14,7 +14,7 @@ from .errors import ConfigError
 from .resilience import CircuitPolicy, RetryPolicy
 
 __all__ = [
-    "Config", "ModelConfig", "BatchConfig", "CacheConfig", "ServerConfig",
+    "Config", "ModelConfig", "RerankerConfig", "BatchConfig", "CacheConfig", "ServerConfig",
     "load_config", "parse_config", "expand_env", "format_validation_error",
     "DEFAULT_MODEL_NAME", "ENV_CONFIG",
 ]
@@ -80,6 +80,26 @@ class ModelConfig(_Strict):
     aliases: list[str] = Field(default_factory=list)
 
 
+class RerankerConfig(_Strict):
+    """One named reranker: a reranker backend plus the policies around it."""
+
+    backend: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    #: Unset `max_size`: the larger of 32 and the reranker's own `max_batch_size`.
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    #: Documents longer than the model reads: score every window and keep the best (`max`),
+    #: or only the first window (`truncate`).
+    long_text: Literal["max", "truncate"] = "max"
+    timeout_s: float = Field(45.0, gt=0, le=600)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    circuit: CircuitPolicy = Field(default_factory=CircuitPolicy)
+    max_concurrency: int | None = Field(None, ge=1)
+    #: Rerankers tried in order when this one fails; each must score with the same model.
+    fallbacks: list[str] = Field(default_factory=list)
+    #: Extra names this reranker answers to in the `model` field of `/v1|v2/rerank`.
+    aliases: list[str] = Field(default_factory=list)
+
+
 class CacheConfig(_Strict):
     """Vector cache: in-process LRU plus optional shared Redis."""
 
@@ -134,6 +154,9 @@ class Config(_Strict):
 
     default_model: str | None = None
     models: dict[str, ModelConfig] = Field(default_factory=dict)
+    #: Absent: one bi-encoder reranker over the default model; `{}`: none.
+    rerankers: dict[str, RerankerConfig] | None = None
+    default_reranker: str | None = None
     cache: CacheConfig = Field(default_factory=CacheConfig)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
@@ -155,12 +178,32 @@ class Config(_Strict):
             for fb in model.fallbacks:
                 if fb not in self.models or fb == name:
                     raise _PathError(f"models.{name}.fallbacks", f"{fb!r} is not another configured model")
+        self._check_rerankers()
         return self
+
+    def _check_rerankers(self) -> None:
+        if self.rerankers is None:
+            name = f"{self.default_model}-rerank"
+            self.rerankers = {name: RerankerConfig(backend="bi-encoder", options={"model": self.default_model})}
+        for name, rr in self.rerankers.items():
+            if not re.match(_NAME, name):
+                raise _PathError(f"rerankers.{name}", f"reranker name {name!r} must match {_NAME}")
+            if name in self.models:
+                # /models/<name>/meta and /ready serve both kinds: one name, one thing.
+                raise _PathError(f"rerankers.{name}", f"{name!r} is also the name of a model; use another")
+            for fb in rr.fallbacks:
+                if fb not in self.rerankers or fb == name:
+                    raise _PathError(f"rerankers.{name}.fallbacks", f"{fb!r} is not another configured reranker")
+        if self.default_reranker is None:
+            self.default_reranker = next(iter(self.rerankers), None)
+        elif self.default_reranker not in self.rerankers:
+            raise _PathError("default_reranker",
+                             f"{self.default_reranker!r} is not in rerankers ({', '.join(self.rerankers) or 'none'})")
 
     def secrets(self) -> list[str]:
         """Every secret-looking value in the config (for log redaction)."""
         found = list(self.server.auth.embed_tokens) + list(self.server.auth.metrics_tokens)
-        for model in self.models.values():
+        for model in [*self.models.values(), *(self.rerankers or {}).values()]:
             for key, value in model.options.items():
                 if isinstance(value, str) and value and re.search(r"key|token|secret|password", key, re.I):
                     found.append(value)

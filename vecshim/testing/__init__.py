@@ -14,6 +14,7 @@ Subclass `BackendConformance` in a test module and say what to test::
 
 Each contract rule is one test. Without pytest, `run_conformance(MyBackend,
 {"model": "small"})` runs the same checks and raises ConformanceError.
+Rerankers have the same pair: `RerankerConformance` and `run_reranker_conformance`.
 """
 from __future__ import annotations
 
@@ -24,9 +25,11 @@ import pytest
 from ..backend import Backend
 from . import checks
 from .checks import CHECKS
+from .rerank_checks import RERANKER_CHECKS, RerankerConformance, RerankerSubject, run_reranker_conformance
 from .subject import TEXTS, ConformanceError, Subject
 
-__all__ = ["BackendConformance", "ConformanceError", "Subject", "run_conformance", "CHECKS", "TEXTS"]
+__all__ = ["BackendConformance", "ConformanceError", "Subject", "run_conformance", "CHECKS", "TEXTS",
+           "RerankerConformance", "RerankerSubject", "run_reranker_conformance", "RERANKER_CHECKS"]
 
 
 def run_conformance(backend_class: type[Backend], options: dict[str, Any] | None = None, *,
