@@ -18,6 +18,8 @@ from goclient import go_json
 
 from vecshim.app import create_app
 from vecshim.errors import ConfigError
+from vecshim.rerankers.bi_encoder import BiEncoderReranker
+from vecshim.testing import RerankerConformance
 
 QUERY = "Which animal jumps over the dog?"
 DOCS = [
@@ -273,3 +275,26 @@ def test_a_failing_model_fails_the_rerank_as_json(serve):
     r = post_rerank(s.client(), "q", ["fine", "boom here"])
     assert r.status == 502 and "boom" in r.json()["error"]
     assert FakeBackend.name == "fake"
+
+
+# -- the conformance kit, as a pytest base class, on the bi-encoder ----------------
+
+class _FakeEmbedder:
+    """Stands in for a configured Model: `embed()` and `fingerprint_parts()` over FakeBackend."""
+
+    def __init__(self):
+        self.backend = FakeBackend(FakeBackend.Options(dim=16))
+
+    def embed(self, texts, task="passage"):
+        return list(self.backend.embed(list(texts), task))
+
+    def fingerprint_parts(self):
+        return {"backend": self.backend.info()}
+
+
+class TestBiEncoderConformance(RerankerConformance):
+    reranker_class = BiEncoderReranker
+    options = {"model": "fake"}
+    models = {"fake": _FakeEmbedder()}
+    invalid_options = ({"model": "not-configured"}, {"model": "fake", "query_task": "question"})
+    tolerance = 1e-6

@@ -17,7 +17,7 @@ from .config import RerankerConfig, format_validation_error
 from .errors import BackendError, BackendUnavailable, ConfigError, VecshimError
 from .reranker import Reranker
 
-__all__ = ["Ranker", "build_reranker", "build_rankers", "WARMUP_QUERY"]
+__all__ = ["Ranker", "build_reranker", "build_rankers", "bind_models", "WARMUP_QUERY"]
 
 log = logging.getLogger("vecshim.ranking")
 WARMUP_QUERY = "vecshim warm-up: which animal jumps?"
@@ -37,6 +37,14 @@ def build_reranker(name: str, cfg: RerankerConfig, cls: type[Reranker]) -> Reran
     return cls(options)
 
 
+def bind_models(name: str, reranker: Reranker, models: Mapping[str, Any]) -> None:
+    """Hand the embedding models to `reranker.use_models()`; its errors get the config path."""
+    try:
+        reranker.use_models(models)
+    except ConfigError as err:
+        raise ConfigError(f"rerankers.{name}.{err.message}") from None
+
+
 def build_rankers(config, registry, models: Mapping[str, Any], stats=None) -> dict[str, Ranker]:
     """Build every configured reranker (no loading); option and model references fail here."""
     rankers: dict[str, Ranker] = {}
@@ -46,10 +54,7 @@ def build_rankers(config, registry, models: Mapping[str, Any], stats=None) -> di
         except ConfigError as err:
             raise ConfigError(f"rerankers.{name}.backend: {err.message}") from None
         reranker = build_reranker(name, rcfg, cls)
-        try:
-            reranker.use_models(models)
-        except ConfigError as err:
-            raise ConfigError(f"rerankers.{name}.{err.message}") from None
+        bind_models(name, reranker, models)
         rankers[name] = Ranker(name, rcfg, reranker, stats=stats)
     for name, r in rankers.items():
         r.fallbacks = [rankers[f] for f in r.cfg.fallbacks]

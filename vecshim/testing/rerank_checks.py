@@ -14,7 +14,7 @@ from pydantic import BaseModel, SecretStr
 
 from ..config import RerankerConfig
 from ..errors import BackendError, ConfigError, VecshimError
-from ..ranking import Ranker, build_reranker
+from ..ranking import Ranker, bind_models, build_reranker
 from ..reranker import Reranker
 from .subject import _SECRET_FIELD, _WORDS, TEXTS, ConformanceError, require
 
@@ -43,7 +43,7 @@ class RerankerSubject:
         """Validate options, construct and hand over the models, as the server does."""
         cfg = RerankerConfig(backend=self.reranker_class.name, options=self.options if options is None else options)
         reranker = build_reranker("conformance", cfg, self.reranker_class)
-        reranker.use_models(self.models)
+        bind_models("conformance", reranker, self.models)
         return reranker
 
     @property
