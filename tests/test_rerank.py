@@ -233,6 +233,22 @@ def test_bi_encoder_uses_the_models_cache(serve):
     assert len(backend.calls) == calls  # every vector came from the cache
 
 
+def test_bi_encoder_embeds_the_query_as_a_query_when_the_model_tells_them_apart(serve):
+    from fakebackend import fake_vector
+    s = serve(fake_config(task_aware=True))
+    backend = s.state.models["fake"].backend
+    backend.calls.clear()
+    scores = [x["score"] for x in post_rerank(s.client(), "q", ["a", "b"]).json()["scores"]]
+    assert sorted(task for _, task in backend.calls) == ["passage", "query"]
+    q = fake_vector("q", "query", 16)
+    assert scores == pytest.approx([cos(q, fake_vector(d, "passage", 16)) for d in "ab"], abs=1e-6)
+    s2 = serve(fake_config())  # not task-aware: query and documents in one call
+    b2 = s2.state.models["fake"].backend
+    b2.calls.clear()
+    post_rerank(s2.client(), "q", ["a", "b"])
+    assert [sorted(texts) for texts, _ in b2.calls] == [["a", "b", "q"]]
+
+
 def test_no_rerankers_when_the_section_is_empty(serve):
     cfg = fake_config()
     cfg["rerankers"] = {}

@@ -63,9 +63,15 @@ class BiEncoderReranker(Reranker):
         # An empty document (an object without the property) embeds as the single space
         # Weaviate's vectorizers send for empty objects; tokenizers see the same nothing.
         docs = [d if d.strip() else " " for d in documents]
-        q = np.asarray(self._model.embed([query if query.strip() else " "], self.options.query_task)[0],
-                       dtype=np.float64)
-        d = np.asarray(self._model.embed(docs, self.options.document_task), dtype=np.float64)
+        query = query if query.strip() else " "
+        opts = self.options
+        if opts.query_task == opts.document_task or getattr(self._model, "task_split", True) is False:
+            # The model embeds both tasks alike: one call, one trip through its batcher.
+            vectors = np.asarray(self._model.embed([query, *docs], opts.document_task), dtype=np.float64)
+            q, d = vectors[0], vectors[1:]
+        else:
+            q = np.asarray(self._model.embed([query], opts.query_task)[0], dtype=np.float64)
+            d = np.asarray(self._model.embed(docs, opts.document_task), dtype=np.float64)
         norms = np.linalg.norm(d, axis=1) * np.linalg.norm(q)
         return np.divide(d @ q, norms, out=np.zeros(len(docs)), where=norms > 0)
 
