@@ -118,3 +118,30 @@ def test_served_over_http_beside_the_embedding_model(serve, fake):
     fake.always(status(400))
     r = c.request("POST", "/v2/rerank", json.dumps({"documents": DOCS, "query": QUERY}).encode())
     assert r.status == 502 and "cohere upstream returned 400" in r.json()["message"]
+
+
+def test_fallback_takes_over_when_the_primary_fails(serve, fake):
+    with FakeCohereRerank(api_key=KEY) as other:
+        cfg = fake_config()
+        cfg["rerankers"] = {
+            "primary": {"backend": "cohere", "fallbacks": ["spare"], "retry": {"max_attempts": 1},
+                        "options": {"base_url": fake.url, "api_key": KEY}},
+            "spare": {"backend": "cohere", "options": {"base_url": other.url, "api_key": KEY}},
+        }
+        s = serve(cfg)
+        fake.always(status(500))
+        body = json.dumps({"query": QUERY, "documents": DOCS, "property": ""}).encode()
+        r = s.client().request("POST", "/rerank", body)
+        assert r.status == 200
+        assert [x["score"] for x in r.json()["scores"]] == [relevance(QUERY, d) for d in DOCS]
+        assert [q.path for q in other.requests][-1] == "/v2/rerank"
+
+
+def test_fallbacks_must_score_with_the_same_model():
+    from fakebackend import FakePlugin
+    from vecshim.app import create_app
+    cfg = fake_config()
+    cfg["rerankers"] = {"a": {"backend": "cohere", "fallbacks": ["b"], "options": {"base_url": "http://x"}},
+                        "b": {"backend": "cohere", "options": {"base_url": "http://y", "model": "rerank-other"}}}
+    with pytest.raises(ConfigError, match="rerankers.a.fallbacks: 'b' scores with a different model"):
+        create_app(cfg, plugins=[FakePlugin()], load_entrypoints=False, load=False)
