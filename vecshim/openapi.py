@@ -305,8 +305,9 @@ def get_spec() -> dict[str, Any]:
             "title": "vecshim",
             "version": __version__,
             "description": "Embeddings for Weaviate's self-hosted text modules (transformers, model2vec, "
-                           "openai, ollama, huggingface) from any configured backend. Every route shares "
-                           "the same models, batcher, cache and limits. See docs/protocols.md.",
+                           "openai, ollama, huggingface) from any configured backend, and reranking for "
+                           "reranker-transformers and reranker-cohere. Every route shares the same models, "
+                           "batcher, cache and limits. See docs/protocols.md.",
         },
         "tags": [
             {"name": "weaviate", "description": "text2vec-transformers and text2vec-model2vec, per model"},
