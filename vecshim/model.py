@@ -33,7 +33,7 @@ def build_backend(name: str, cfg: ModelConfig, cls: type[Backend]) -> Backend:
     try:
         options = cls.Options.model_validate(cfg.options)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, prefix=f"models.{name}.options")) from None
+        raise ConfigError(format_validation_error(err, prefix=f"models.{name}.options", root=cls.Options)) from None
     return cls(options)
 
 

@@ -16,7 +16,7 @@ from ..backend import Backend, BackendOptions, Task
 from ..errors import BackendError, ConfigError, UpstreamError
 from ..hookspecs import hookimpl
 from ..resilience import parse_retry_after
-from ._hosted import check_vectors, endpoint_host, redact, resolve_api_key
+from ._hosted import check_vectors, endpoint_host, key_problems, redact, resolve_api_key
 
 __all__ = ["OpenAIBackend", "OpenAIOptions"]
 
@@ -78,6 +78,12 @@ class OpenAIBackend(Backend):
         self._client: Any = None
         self._openai: Any = None
         self._key: str | None = None
+
+    def preflight(self) -> list[tuple[str, str]]:
+        """A key must come from the options, the key file or the environment (unless base_url is set)."""
+        opts = self.options
+        env = ("AZURE_OPENAI_API_KEY", "OPENAI_API_KEY") if opts.azure_endpoint else ("OPENAI_API_KEY",)
+        return key_problems(opts.api_key, opts.api_key_file, env, self.name, key_optional=bool(opts.base_url))
 
     def load(self) -> None:
         """Import the SDK and build the client (no network call)."""
