@@ -36,6 +36,7 @@ def _print_report(report) -> bool:
 def cmd_serve(args) -> int:
     """Check the config (every problem at once), then run gunicorn with vecshim's defaults."""
     from .check import check_config
+    from .logs import gunicorn_logconfig
     from .server import (DEFAULTS, VecshimServer, default_workers, prepare_metrics_dir,
                          read_gunicorn_config, remove_metrics_dir)
 
@@ -56,6 +57,9 @@ def cmd_serve(args) -> int:
             settings["workers"] = args.workers
         if args.threads:
             settings["threads"] = args.threads
+        if not settings.get("logconfig_dict") and not settings.get("logconfig"):
+            # The master's own lines (booting, worker exits) in the workers' format, on one stream.
+            settings["logconfig_dict"] = gunicorn_logconfig(cfg.logging, cfg.secrets(), settings.get("errorlog"))
         path = os.path.abspath(args.config) if args.config else os.environ.get("VECSHIM_CONFIG")
         VecshimServer(path, settings).run()
     finally:

@@ -152,7 +152,7 @@ class Model:
             self.on_ready()  # e.g. re-render /meta before anyone sees the model as ready
         self._ready.set()
         log.info("model %r ready: backend %s, dimension %d, loaded in %.1f s",
-                 self.name, self.backend.name, self.dimension, self.load_seconds)
+                 self.name, self.backend.name, self.dimension, self.load_seconds, extra={"model": self.name})
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish queued work and release the backend."""
@@ -252,7 +252,8 @@ class Model:
                 # check here too, so a different vector space is never served.
                 if not fb.ready or fb.fingerprint != self.fingerprint:
                     continue
-                log.warning("model %r failed (%s); using fallback %r", self.name, err.message, fb.name)
+                log.warning("model %r failed (%s); using fallback %r", self.name, err.message, fb.name,
+                            extra={"model": self.name})
                 try:
                     return fb._run_here(texts, task)
                 except BackendError:
