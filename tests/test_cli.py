@@ -478,6 +478,23 @@ def test_embed_npy_round_trips_float32_rows_in_line_order(fake_conf, tmp_path):
     assert np.array_equal(np.load(io.BytesIO(piped.stdout)), matrix, equal_nan=True)
 
 
+def test_embed_parquet_keeps_lines_ids_and_float32(fake_conf, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")  # the parquet extra; `make setup` installs it
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": 7, "text": "alpha"}\n\n{"id": "x-9", "text": "beta gamma"}\n')
+    out = tmp_path / "v.parquet"
+    proc = run("embed", "-c", str(fake_conf()), "--input", str(source), "--input-format", "jsonl",
+               "--format", "parquet", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    table = pq.read_table(out)
+    assert str(table.schema.field("vector").type) == "fixed_size_list<element: float>[8]"
+    rows = table.to_pylist()
+    assert [(r["line"], r["id"], r["error"]) for r in rows] == [(1, "7", None), (2, None, "blank line"),
+                                                              (3, "x-9", None)]
+    assert rows[1]["vector"] is None
+    assert np.array_equal(np.asarray(rows[2]["vector"], dtype=np.float32), fake_vector("beta gamma", "passage", 8))
+
+
 def test_embed_a_failing_text_fails_only_its_own_line(fake_conf):
     path = fake_conf({"f": {"backend": "fake", "options": {"fail_on": "poison"}}})
     texts = ["ok one", "a poison pill", "ok two"]

@@ -189,7 +189,7 @@ class NpyWriter:
 
 
 class ParquetWriter:
-    """Parquet (pyarrow, the `parquet` extra): columns line, id or text, vector (float32 list), error."""
+    """Parquet (pyarrow, the `parquet` extra): columns line, text or the id (as text), vector, error."""
 
     binary = True
     ROWS_PER_GROUP = 4096
@@ -202,22 +202,18 @@ class ParquetWriter:
             raise VecshimError("--format parquet needs: pip install 'vecshim[parquet]'") from None
         self.pa = pa
         self.jsonl = input_format == "jsonl"
-        self.key = id_field if self.jsonl else "text"
-        key_type = pa.string() if not self.jsonl else None
         self.dim = dimension
-        self.rows: list[tuple] = []
-        self.schema = None if key_type is None else self._schema(key_type)
+        self.schema = pa.schema([("line", pa.int64()), (id_field if self.jsonl else "text", pa.string()),
+                                 ("vector", pa.list_(pa.float32(), dimension)), ("error", pa.string())])
+        self.writer = pq.ParquetWriter(out, self.schema)
         self.out = out
-        self.writer = None
-        self.pq = pq
-
-    def _schema(self, key_type):
-        pa = self.pa
-        return pa.schema([("line", pa.int64()), (self.key, key_type),
-                          ("vector", pa.list_(pa.float32(), self.dim)), ("error", pa.string())])
+        self.rows: list[tuple] = []
 
     def write(self, rec: Record, vec: np.ndarray | None) -> None:
-        key = rec.id if self.jsonl else (rec.text or "")
+        if self.jsonl:  # ids of any JSON type, kept as text: strings as they are, others as JSON
+            key = rec.id if isinstance(rec.id, str) or rec.id is None else orjson.dumps(rec.id).decode()
+        else:
+            key = rec.text or ""
         self.rows.append((rec.line, key, vec, None if vec is not None else (rec.error or "no vector")))
         if len(self.rows) >= self.ROWS_PER_GROUP:
             self._flush()
@@ -227,24 +223,15 @@ class ParquetWriter:
             return
         pa = self.pa
         lines, keys, vecs, errors = zip(*self.rows)
-        if self.schema is None:  # ids keep the type of the first chunk's ids
-            self.schema = self._schema(pa.array(list(keys)).type if any(k is not None for k in keys)
-                                       else pa.string())
         flat = np.concatenate([v if v is not None else np.zeros(self.dim, np.float32) for v in vecs])
-        mask = pa.array([v is None for v in vecs])
-        vector = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), self.dim, mask=mask)
-        table = pa.Table.from_arrays([pa.array(lines, pa.int64()), pa.array(list(keys), self.schema.field(1).type),
-                                      vector, pa.array(errors, pa.string())], schema=self.schema)
-        if self.writer is None:
-            self.writer = self.pq.ParquetWriter(self.out, self.schema)
-        self.writer.write_table(table)
+        vector = pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), self.dim,
+                                                   mask=pa.array([v is None for v in vecs]))
+        columns = [pa.array(lines, pa.int64()), pa.array(keys, pa.string()), vector, pa.array(errors, pa.string())]
+        self.writer.write_table(pa.Table.from_arrays(columns, schema=self.schema))
         self.rows = []
 
     def close(self) -> None:
         self._flush()
-        if self.writer is None:
-            self.schema = self.schema or self._schema(self.pa.string())
-            self.writer = self.pq.ParquetWriter(self.out, self.schema)
         self.writer.close()
         self.out.flush()
 

@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import threading
+import time
 from pathlib import Path
 
 from . import __version__
@@ -188,17 +189,23 @@ def cmd_embed(args) -> int:
         out = sys.stdout.buffer if to_stdout else open(args.output, "wb")
         writer = bulk.WRITERS[args.format](out, dims, args.input_format, args.id_field)
         records = bulk.read_records(lines, args.input_format, args.text_field, args.id_field)
-        failed = blank = 0
+        failed = blank = done = 0
+        started = time.monotonic()
         bar = tqdm(total=total, unit=" lines", file=sys.stderr, dynamic_ncols=True, smoothing=0.05,
                    disable=args.quiet or not sys.stderr.isatty())
         with bar:
             for rec, vec in bulk.embed_records(model, records, args.task, args.dimensions):
                 writer.write(rec, vec)
+                done += 1
                 if vec is None:
                     failed += rec.text is not None
                     blank += rec.text is None
                 bar.update(1)
         writer.close()
+        if args.stats:
+            secs = time.monotonic() - started
+            print(json.dumps({"lines": done, "vectors": done - failed - blank, "seconds": round(secs, 3),
+                              "lines_per_s": round(done / secs, 1) if secs else None}), file=sys.stderr)
         if blank:
             print(f"note: {blank} line(s) had no text to embed (error records written)", file=sys.stderr)
         if failed:
@@ -278,6 +285,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for the model to load")
     e.add_argument("--quiet", "-q", action="store_true", help="no progress bar (it shows only on a terminal)")
     e.add_argument("--verbose", "-v", action="store_true", help="log model loading to stderr")
+    e.add_argument("--stats", action="store_true",
+                   help="at the end, print one JSON line to stderr: lines, vectors, seconds, lines_per_s "
+                        "(from the first input line, model already loaded)")
     e.set_defaults(func=cmd_embed)
 
     pl = _sub(sub, "plugin", "tools for plugin authors", "vecshim plugin new acme-embed")
