@@ -57,7 +57,13 @@ class Report:
         return out
 
     def add(self, path: str, message: str, warning: bool = False) -> None:
-        """Record a finding once (two checks can reach the same key)."""
+        """Record a finding once (two checks can reach the same key).
+
+        A warning is a problem of a `required: false` model: it starts
+        unavailable (503 on its own routes) instead of stopping the server.
+        """
+        if warning:
+            message += " (required: false: the model will be unavailable)"
         if not any(p.path == path and p.message == message for p in self.problems):
             self.problems.append(Problem(path, message, warning))
 
@@ -107,9 +113,9 @@ def check_config(path: str | os.PathLike | None = None, env: dict[str, str] | No
         return report
     raw_models = data.get("models") if isinstance(data.get("models"), dict) else {}
 
-    env_errors: list[tuple[str, str]] = []
-    data = expand_env(data, env, errors=env_errors)
-    for p, msg in env_errors:
+    env_errors: list[str] = []
+    data = expand_env(data, env, missing=env_errors)
+    for p, msg in _split("\n".join(env_errors)):
         report.add(p, msg, warning=_optional(raw_models, _model_of(p)))
 
     try:
@@ -123,7 +129,8 @@ def check_config(path: str | os.PathLike | None = None, env: dict[str, str] | No
     names = {n: (m.get("fallbacks") if isinstance(m, dict) and isinstance(m.get("fallbacks"), list) else [])
              for n, m in models.items()} or {DEFAULT_MODEL_NAME: []}
     default = data.get("default_model")
-    for p, msg in cross_field_problems(default if isinstance(default, str) else None, names):
+    optional = {n for n in names if _optional(raw_models, n)}
+    for p, msg in cross_field_problems(default if isinstance(default, str) else None, names, optional):
         report.add(p, msg)
     built = {}
     for name, raw in models.items():
@@ -163,12 +170,12 @@ def _check_model(name: str, raw: Any, registry, report: Report, optional: bool):
     if cls is None:
         installed = ", ".join(sorted(registry.backends)) or "(none)"
         report.add(f"{at}.backend", f"unknown backend {raw['backend']!r}; installed backends: {installed}"
-                   + did_you_mean(raw["backend"], registry.backends))
+                   + did_you_mean(raw["backend"], registry.backends), warning=optional)
         return None
     missing = [m for m in cls.requires if importlib.util.find_spec(m) is None]
     if missing:
         extra = f"vecshim[{cls.extra}]" if cls.extra else " ".join(missing)
-        report.add(at, f"backend {cls.name!r} needs: pip install '{extra}'")
+        report.add(at, f"backend {cls.name!r} needs: pip install '{extra}'", warning=optional)
         return None
     options = raw.get("options") or {}
     if not isinstance(options, dict):
@@ -177,16 +184,16 @@ def _check_model(name: str, raw: Any, registry, report: Report, optional: bool):
         opts = cls.Options.model_validate(options)
     except ValidationError as err:
         for p, msg in _split(format_validation_error(err, prefix=f"{at}.options", root=cls.Options)):
-            report.add(p, msg)
+            report.add(p, msg, warning=optional)
         return None
     try:
         backend = cls(opts)
         found = backend.preflight()
     except ConfigError as err:
-        report.add(at, err.message)
+        report.add(at, err.message, warning=optional)
         return None
     except Exception as err:  # a plugin bug: name it, don't crash the check
-        report.add(at, f"backend {cls.name!r} failed to construct: {type(err).__name__}: {err}")
+        report.add(at, f"backend {cls.name!r} failed to construct: {type(err).__name__}: {err}", warning=optional)
         return None
     for option, msg in found:
         p = f"{at}.options.{option}"

@@ -11,7 +11,7 @@ from typing import Any, Literal, Union
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .resilience import CircuitPolicy, RetryPolicy
@@ -84,6 +84,9 @@ class ModelConfig(_Strict):
     fallbacks: list[str] = Field(default_factory=list)
     #: Extra names this model answers to on the OpenAI/Ollama routes.
     aliases: list[str] = Field(default_factory=list)
+    #: false: a model that cannot start (unset `${VAR}`, missing extra, failed
+    #: load) does not hold the server out of ready; its own routes answer 503.
+    required: bool = True
 
 
 class CacheConfig(_Strict):
@@ -144,6 +147,13 @@ class Config(_Strict):
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    #: `required: false` models that cannot start -> why (set by parse_config).
+    _unavailable: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def unavailable(self) -> dict[str, str]:
+        """Optional models whose config cannot be completed (e.g. an unset `${VAR}`) -> the reason."""
+        return self._unavailable
 
     @model_validator(mode="after")
     def _check_models(self, info):
@@ -153,7 +163,8 @@ class Config(_Strict):
             if self.default_model not in self.models:
                 self.default_model = next(iter(self.models))
             return self
-        problems = cross_field_problems(self.default_model, {n: m.fallbacks for n, m in self.models.items()})
+        problems = cross_field_problems(self.default_model, {n: m.fallbacks for n, m in self.models.items()},
+                                        optional={n for n, m in self.models.items() if not m.required})
         if problems:
             raise _PathError(*problems[0])
         if self.default_model is None:
@@ -174,10 +185,12 @@ class Config(_Strict):
         return [s for s in found if len(s) >= 4]
 
 
-def cross_field_problems(default_model: str | None, fallbacks: dict[str, list]) -> list[tuple[str, str]]:
+def cross_field_problems(default_model: str | None, fallbacks: dict[str, list],
+                         optional=frozenset()) -> list[tuple[str, str]]:
     """(path, problem) for model names, `default_model` and fallbacks that name no model.
 
-    `fallbacks` maps every configured model name to its fallback list.
+    `fallbacks` maps every configured model name to its fallback list;
+    `optional` holds the names of `required: false` models.
     """
     out = []
     names = list(fallbacks)
@@ -187,6 +200,11 @@ def cross_field_problems(default_model: str | None, fallbacks: dict[str, list]) 
     if default_model is not None and default_model not in fallbacks:
         out.append(("default_model", f"{default_model!r} is not in models ({', '.join(map(str, names))})"
                     + did_you_mean(default_model, names)))
+    default = default_model if default_model in fallbacks else (names[0] if default_model is None and names
+                                                                else None)
+    if default in optional:
+        out.append((f"models.{default}.required", "the default model must be required (Weaviate's /vectors "
+                                                  "calls it)"))
     for name, fbs in fallbacks.items():
         for i, fb in enumerate(fbs or ()):
             if fb not in fallbacks or fb == name:
@@ -205,18 +223,18 @@ def did_you_mean(word: Any, choices) -> str:
 
 
 def expand_env(value: Any, env: dict[str, str] | None = None, *, path: str = "",
-               errors: list[tuple[str, str]] | None = None) -> Any:
+               missing: list[str] | None = None) -> Any:
     """Expand `${VAR}` and `${VAR:-default}` in every string; `$$` is a literal `$`.
 
-    An unset variable raises ConfigError, or, with an `errors` list, is
-    recorded there as (path, problem) and expands to "".
+    An unset `${VAR}` is a ConfigError, or, when `missing` is a list, an empty
+    string with the error appended to it.
     """
     env = os.environ if env is None else env
     if isinstance(value, dict):
-        return {k: expand_env(v, env, path=f"{path}.{k}" if path else str(k), errors=errors)
+        return {k: expand_env(v, env, path=f"{path}.{k}" if path else str(k), missing=missing)
                 for k, v in value.items()}
     if isinstance(value, list):
-        return [expand_env(v, env, path=f"{path}.{i}" if path else str(i), errors=errors)
+        return [expand_env(v, env, path=f"{path}.{i}" if path else str(i), missing=missing)
                 for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
@@ -229,10 +247,11 @@ def expand_env(value: Any, env: dict[str, str] | None = None, *, path: str = "",
             return env[name]
         if default is not None:
             return default
-        if errors is not None:
-            errors.append((path or "<root>", f"environment variable {name} is not set"))
-            return ""
-        raise ConfigError(f"{path or '<root>'}: environment variable {name} is not set")
+        message = f"{path or '<root>'}: environment variable {name} is not set"
+        if missing is None:
+            raise ConfigError(message)
+        missing.append(message)
+        return ""
 
     return _VAR.sub(sub, value)
 
@@ -301,11 +320,26 @@ def parse_config(data: Any, env: dict[str, str] | None = None) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("<root>: the config must be a mapping")
-    data = expand_env(data, env)
+    models = data.get("models")
+    optional = {n: m for n, m in models.items() if isinstance(m, dict) and m.get("required") is False} \
+        if isinstance(models, dict) else {}
+    # An optional model's unset ${VAR}s make that model unavailable, not the config invalid.
+    unavailable, expanded = {}, {}
+    for name, mdata in optional.items():
+        errors: list[str] = []
+        expanded[name] = expand_env(mdata, env, path=f"models.{name}", missing=errors)
+        if errors:
+            unavailable[name] = "; ".join(errors)
+    rest = {**data, "models": {n: m for n, m in models.items() if n not in optional}} if optional else data
+    data = expand_env(rest, env)
+    if optional:
+        data["models"] = {n: expanded.get(n, data["models"].get(n)) for n in models}
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, root=Config)) from None
+    cfg._unavailable.update(unavailable)
+    return cfg
 
 
 def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Config:
