@@ -215,6 +215,28 @@ def test_config_check_missing_hosted_key(tmp_path):
     assert run("config", "check", str(path), env=HOSTED_KEY_VARS).returncode == 0
 
 
+def test_config_check_optional_model_problems_are_warnings(fake_conf):
+    path = fake_conf({"main": {"backend": "fake"},
+                      "extra": {"backend": "openai", "required": False, "options": {"model": "m"}},
+                      "later": {"backend": "cohere", "required": False,
+                                "options": {"api_key": "${NO_SUCH_VAR_17}"}}}, default_model="main")
+    proc = run("config", "check", str(path), cwd="/", env=HOSTED_KEY_VARS)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["ok: 3 model(s): extra, later, main; default 'main'"]
+    assert sorted(proc.stderr.splitlines()) == [
+        f"{path}: models.extra.options.api_key: warning: no API key: set options.api_key, options.api_key_file "
+        "or OPENAI_API_KEY (none is set or all are empty) (required: false: the model will be unavailable)",
+        f"{path}: models.later.options.api_key: warning: environment variable NO_SUCH_VAR_17 is not set "
+        "(required: false: the model will be unavailable)",
+    ]
+    # A required default model cannot be optional: that stays an error.
+    path = fake_conf({"main": {"backend": "fake", "required": False}})
+    proc = run("config", "check", str(path), cwd="/")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"{path}: models.main.required: the default model must be required "
+                                        "(Weaviate's /vectors calls it)"]
+
+
 def test_config_check_key_file_problems(tmp_path):
     folder = tmp_path / "a-directory"
     folder.mkdir()
