@@ -45,7 +45,7 @@ class State:
         self.draining = False
         self.plugins = plugin_infos(pm)
         for m in models.values():
-            m.on_ready = self.render_meta
+            m.on_ready = m.on_change = self.render_meta
         self._meta: dict[str | None, bytes] = {}
         self._loader: threading.Thread | None = None
         self._stop = threading.Event()
@@ -177,13 +177,20 @@ def _describe(err: Exception) -> str:
 
 def build_models(config: Config, registry, cache, stats=None) -> dict[str, Model]:
     """Validate every model's backend options and build the Model objects (no loading)."""
+    from .budget import Fleet
+    from .metrics import multiprocess_dir
+
+    # gunicorn workers of one replica share `vecshim serve`'s metrics folder: their budget lives there.
+    fleet = Fleet(config.budget, redis_url=config.budget.redis_url or config.cache.redis_url,
+                  local_dir=multiprocess_dir(), stats=stats)
     models = {}
     for name, mcfg in config.models.items():
         try:
             cls = registry.get(mcfg.backend)
         except ConfigError as err:
             raise ConfigError(f"models.{name}.backend: {err.message}") from None
-        models[name] = Model(name, mcfg, build_backend(name, mcfg, cls), cache=cache, stats=stats)
+        models[name] = Model(name, mcfg, build_backend(name, mcfg, cls), cache=cache, stats=stats,
+                             fleet=fleet)
     for name, m in models.items():
         m.fallbacks = [models[f] for f in config.models[name].fallbacks]
         for fb in m.fallbacks:
