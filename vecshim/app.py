@@ -49,7 +49,7 @@ class State:
         self._in_flight_lock = threading.Lock()
         self.plugins = plugin_infos(pm)
         for m in models.values():
-            m.on_ready = self.render_meta
+            m.on_ready = m.on_change = self.render_meta
         self._meta: dict[str | None, bytes] = {}
         self._loader: threading.Thread | None = None
         self._stop = threading.Event()
@@ -194,6 +194,12 @@ def _describe(err: Exception) -> str:
 
 def build_models(config: Config, registry, cache, stats=None) -> dict[str, Model]:
     """Validate every model's backend options and build the Model objects (no loading)."""
+    from .budget import Fleet
+    from .metrics import multiprocess_dir
+
+    # gunicorn workers of one replica share `vecshim serve`'s metrics folder: their budget lives there.
+    fleet = Fleet(config.budget, redis_url=config.budget.redis_url or config.cache.redis_url,
+                  local_dir=multiprocess_dir(), stats=stats)
     models = {}
     for name, mcfg in config.models.items():
         reason = config.unavailable.get(name)
@@ -207,7 +213,7 @@ def build_models(config: Config, registry, cache, stats=None) -> dict[str, Model
             if mcfg.required:
                 raise
             reason, backend = reason or err.message, UnavailableBackend(mcfg.backend)
-        models[name] = Model(name, mcfg, backend, cache=cache, stats=stats)
+        models[name] = Model(name, mcfg, backend, cache=cache, stats=stats, fleet=fleet)
         if reason:  # optional and cannot start: served as 503, never loaded
             models[name].state, models[name].error = "unavailable", reason
             log.warning("model %r (required: false) is unavailable: %s", name, reason)

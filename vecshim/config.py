@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from .budget import BudgetConfig, RateLimit
 from .errors import ConfigError
 from .resilience import CircuitPolicy, RetryPolicy
 
@@ -78,8 +79,12 @@ class ModelConfig(_Strict):
     timeout_s: float = Field(45.0, gt=0, le=600)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     circuit: CircuitPolicy = Field(default_factory=CircuitPolicy)
-    #: Most concurrent backend calls (None: one per batch worker).
+    #: Most concurrent backend calls (None: one per batch worker). For a hosted
+    #: backend the start and ceiling of its adaptive (AIMD) window.
     max_concurrency: int | None = Field(None, ge=1)
+    #: Known limits of a hosted backend's account; the lower of these and what
+    #: the upstream's headers announce applies.
+    rate_limit: RateLimit | None = None
     #: Models tried in order when this one fails; each must share the fingerprint.
     fallbacks: list[str] = Field(default_factory=list)
     #: Extra names this model answers to on the OpenAI/Ollama routes.
@@ -147,6 +152,8 @@ class Config(_Strict):
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    #: Where hosted models share their rate budget (Redis for a fleet).
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
     #: `required: false` models that cannot start -> why (set by parse_config).
     _unavailable: dict[str, str] = PrivateAttr(default_factory=dict)
 
@@ -178,8 +185,8 @@ class Config(_Strict):
             for key, value in model.options.items():
                 if isinstance(value, str) and value and re.search(r"key|token|secret|password", key, re.I):
                     found.append(value)
-        if self.cache.redis_url:
-            password = urlsplit(self.cache.redis_url).password
+        for url in (self.cache.redis_url, self.budget.redis_url):
+            password = urlsplit(url).password if url else None
             if password:
                 found.append(password)
         return [s for s in found if len(s) >= 4]

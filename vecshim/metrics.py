@@ -47,6 +47,24 @@ class Stats:
         self.redis_errors = Counter("vecshim_redis_errors", "Failed Redis cache operations", registry=r)
         self.upstream = Counter("vecshim_upstream_events", "Backend calls and their outcomes "
                                 "(call, retry, 429, failure, circuit_open)", ["model", "event"], registry=r)
+        self.upstream_texts = Histogram("vecshim_upstream_call_texts", "Texts per call to a hosted upstream",
+                                        ["model"], buckets=BATCH_BUCKETS, registry=r)
+        self.upstream_window = Gauge("vecshim_upstream_concurrency_limit", "Adaptive (AIMD) limit of concurrent "
+                                     "upstream calls, summed over workers", ["model"],
+                                     multiprocess_mode="livesum", registry=r)
+        self.upstream_in_flight = Gauge("vecshim_upstream_in_flight", "Upstream calls in flight", ["model"],
+                                        multiprocess_mode="livesum", registry=r)
+        self.budget_used_total = Counter("vecshim_budget_used", "Requests and tokens spent from an upstream "
+                                         "account's rate budget", ["upstream", "kind"], registry=r)
+        self.budget_left_gauge = Gauge("vecshim_budget_left", "Requests or tokens the account's budget could "
+                                       "still give over the next minute at its pace", ["upstream", "kind"],
+                                       multiprocess_mode="mostrecent", registry=r)
+        self.budget_limit = Gauge("vecshim_budget_limit_per_minute", "Rate limit in force (configured or "
+                                  "announced by the upstream)", ["upstream", "kind"],
+                                  multiprocess_mode="mostrecent", registry=r)
+        self.budget_fallback = Gauge("vecshim_budget_fallback", "1 while Redis is unreachable and this "
+                                     "process uses 1/expected_replicas of the limits", ["upstream"],
+                                     multiprocess_mode="max", registry=r)
         self.load_seconds = Gauge("vecshim_model_load_seconds", "Seconds to load and warm up the model",
                                   ["model"], multiprocess_mode="max", registry=r)
         # livesum: across workers, the number of workers that see the model (circuit) in each state.
@@ -108,6 +126,33 @@ class Stats:
         """Before a scrape: circuits move from open to half-open with time alone."""
         for model in list(self._circuits):
             self.refresh_circuit(model)
+
+    def window_observer(self, model: str) -> Callable[[float, int], None]:
+        """Callback for Resilience: (concurrency limit, calls in flight)."""
+        limit, flight = self.upstream_window.labels(model), self.upstream_in_flight.labels(model)
+
+        def observe(window: float, in_flight: int) -> None:
+            limit.set(window)
+            flight.set(in_flight)
+        return observe
+
+    def budget_used(self, upstream: str, kind: str, amount: float) -> None:
+        """Count requests or tokens spent from a budget."""
+        if amount > 0:
+            self.budget_used_total.labels(upstream, kind).inc(amount)
+
+    def budget_left(self, upstream: str, requests: float | None, tokens: float | None) -> None:
+        """Record what a budget could still give over the next minute (None: no limit known)."""
+        for kind, value in (("requests", requests), ("tokens", tokens)):
+            if value is not None:
+                self.budget_left_gauge.labels(upstream, kind).set(value)
+
+    def budget_state(self, upstream: str, rpm: int | None, tpm: int | None, fallback: bool) -> None:
+        """Record a budget's limits and whether it fell back to a per-replica share."""
+        for kind, value in (("requests", rpm), ("tokens", tpm)):
+            if value is not None:
+                self.budget_limit.labels(upstream, kind).set(value)
+        self.budget_fallback.labels(upstream).set(1 if fallback else 0)
 
     def cache(self, model: str, hits: int, misses: int) -> None:
         """Count one lookup's hits and misses."""
