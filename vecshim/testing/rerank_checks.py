@@ -1,4 +1,4 @@
-"""The reranker conformance checks, as plain functions, and their pytest base class."""
+"""The reranker conformance checks, as plain functions (the pytest base class is in `rerank_kit`)."""
 from __future__ import annotations
 
 import inspect
@@ -6,10 +6,9 @@ import json
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
-import pytest
 from pydantic import BaseModel, SecretStr
 
 from ..config import RerankerConfig
@@ -18,7 +17,7 @@ from ..ranking import Ranker, bind_models, build_reranker
 from ..reranker import Reranker
 from .subject import _SECRET_FIELD, _WORDS, TEXTS, ConformanceError, require
 
-__all__ = ["RerankerSubject", "RERANKER_CHECKS", "RerankerConformance", "run_reranker_conformance", "QUERY"]
+__all__ = ["RerankerSubject", "RERANKER_CHECKS", "run_reranker_conformance", "QUERY"]
 
 QUERY = "Which tower stands in Tokyo?"
 #: Documents every check scores: the shared texts plus the empty document Weaviate sends.
@@ -225,59 +224,3 @@ def run_reranker_conformance(reranker_class: type[Reranker], options: dict[str, 
     if failures:
         raise ConformanceError("\n".join(failures))
     return ran
-
-
-class RerankerConformance:
-    """Base class of a reranker's conformance tests; set the class attributes below."""
-
-    #: The Reranker subclass under test (required).
-    reranker_class: ClassVar[type[Reranker]]
-    #: The `options:` mapping a config would give it.
-    options: ClassVar[dict[str, Any]] = {}
-    #: Embedding models handed to `use_models()` (objects with `embed(texts, task)`).
-    models: ClassVar[Mapping[str, Any]] = {}
-    secret_values: ClassVar[Sequence[str]] = ()
-    invalid_options: ClassVar[Sequence[dict[str, Any]]] = ()
-    failing_options: ClassVar[dict[str, Any] | None] = None
-    tolerance: ClassVar[float] = 1e-4
-    threads: ClassVar[int] = 8
-
-    @pytest.fixture(scope="class")
-    @classmethod
-    def reranker_subject(cls):
-        """One loaded reranker per test class, closed afterwards."""
-        subject = RerankerSubject(cls.reranker_class, dict(cls.options), tuple(cls.secret_values),
-                                  tuple(cls.invalid_options), cls.failing_options, cls.tolerance, cls.threads,
-                                  dict(cls.models))
-        yield subject
-        subject.close()
-
-    def test_reranker_class(self, reranker_subject):
-        """A concrete Reranker with a name, a pydantic Options and sane capabilities."""
-        check_reranker_class(reranker_subject)
-
-    def test_reranker_options_validated(self, reranker_subject):
-        """Unknown or invalid options fail as ConfigError."""
-        check_reranker_options(reranker_subject)
-
-    def test_reranker_info_has_no_secrets(self, reranker_subject):
-        """info() and fingerprint_parts() are JSON-safe and never reveal secrets."""
-        check_reranker_info(reranker_subject)
-
-    def test_scores_in_input_order(self, reranker_subject):
-        """One finite score per document, deterministic, in input order, batch equals single."""
-        check_reranker_scores(reranker_subject)
-
-    def test_reranker_thread_safety(self, reranker_subject):
-        """Concurrent score() calls give the sequential results."""
-        check_reranker_concurrency(reranker_subject)
-
-    def test_reranker_failures_raise_backend_error(self, reranker_subject):
-        """With failing_options, score() raises vecshim.BackendError without secrets."""
-        if self.failing_options is None:
-            pytest.skip("no failing_options given")
-        check_reranker_failure(reranker_subject)
-
-    def test_reranker_served_through_the_core(self, reranker_subject):
-        """The core's batcher, checks and long-document policy serve it."""
-        check_reranker_served(reranker_subject)
