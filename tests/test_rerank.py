@@ -263,7 +263,7 @@ def test_no_rerankers_when_the_section_is_empty(serve):
     ({"r": {"backend": "bi-encoder", "options": {"model": "other"}}},
      "rerankers.r.options.model: 'other' is not a configured embedding model (models: fake)"),
     ({"r": {"backend": "bi-encoder"}}, "rerankers.r.options.model: Field required"),
-    ({"r": {"backend": "bi-encoder", "options": {"model": "fake", "x": 1}}}, "rerankers.r.options.x: Extra"),
+    ({"r": {"backend": "bi-encoder", "options": {"model": "fake", "x": 1}}}, "rerankers.r.options.x: unknown key"),
     ({"fake": {"backend": "bi-encoder", "options": {"model": "fake"}}}, "rerankers.fake: 'fake' is also the name"),
     ({"r": {"backend": "bi-encoder", "options": {"model": "fake"}, "fallbacks": ["s"]}},
      "rerankers.r.fallbacks: 's' is not another configured reranker"),
