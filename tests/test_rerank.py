@@ -314,3 +314,16 @@ class TestBiEncoderConformance(RerankerConformance):
     models = {"fake": _FakeEmbedder()}
     invalid_options = ({"model": "not-configured"}, {"model": "fake", "query_task": "question"})
     tolerance = 1e-6
+
+
+def test_config_check_reports_reranker_problems(tmp_path):
+    from vecshim.check import check_config
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("default_reranker: q\nrerankers:\n  s: {backend: bi-encoder, options: {model: zzz}}\n")
+    assert [f"{p.path}: {p.message}" for p in check_config(bad).errors] == [
+        "default_reranker: 'q' is not in rerankers (s)"]
+    bad.write_text("rerankers:\n  s: {backend: bi-encoder, options: {model: zzz}}\n")
+    assert [f"{p.path}: {p.message}" for p in check_config(bad).errors] == [
+        "rerankers.s.options.model: 'zzz' is not a configured embedding model (models: minilm)"]
+    bad.write_text("rerankers:\n  s: {backend: cross-encoder, options: {batch_size: 0}}\n")
+    assert {p.path for p in check_config(bad).errors} == {"rerankers.s.options.model", "rerankers.s.options.batch_size"}

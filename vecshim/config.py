@@ -209,8 +209,8 @@ class Config(_Strict):
         if self.rerankers is None:
             name = f"{self.default_model}-rerank"
             self.rerankers = {name: RerankerConfig(backend="bi-encoder", options={"model": self.default_model})}
-        if not strict:
-            if self.default_reranker not in self.rerankers:
+        if not strict:  # `vecshim config check` reports the rest itself
+            if self.default_reranker is None:
                 self.default_reranker = next(iter(self.rerankers), None)
             return
         for name, rr in self.rerankers.items():
