@@ -327,3 +327,15 @@ def test_config_check_reports_reranker_problems(tmp_path):
         "rerankers.s.options.model: 'zzz' is not a configured embedding model (models: minilm)"]
     bad.write_text("rerankers:\n  s: {backend: cross-encoder, options: {batch_size: 0}}\n")
     assert {p.path for p in check_config(bad).errors} == {"rerankers.s.options.model", "rerankers.s.options.batch_size"}
+
+
+def test_server_limits_apply_to_documents(serve):
+    cfg = fake_config()
+    cfg["server"] = {"max_texts_per_request": 3, "max_text_chars": 10}
+    c = serve(cfg).client()
+    r = post_rerank(c, "q", ["a", "b", "c", "d"])
+    assert r.status == 413 and "4 texts in 'documents'; the limit is 3" in r.json()["error"]
+    r = post_rerank(c, "q", ["a", "b" * 11])
+    assert r.status == 413 and "documents[1] has 11 characters" in r.json()["error"]
+    r = c.request("POST", "/v2/rerank", go_json({"query": "q" * 11, "documents": ["a"]}))
+    assert r.status == 413 and "query[0] has 11 characters" in r.json()["message"]

@@ -69,7 +69,8 @@ def rerank(name: str | None = None):
     ranker = get_ranker(name)
     req = parse_rerank_request(request.get_data(cache=False))
     texts = req.documents if req.documents is not None else [req.property]
-    checked_texts([req.query, *texts], "documents")
+    checked_texts([req.query], "query")
+    checked_texts(texts, "documents")
     return json_response(render_rerank_reply(req, ranker.rank(req.query, texts)))
 
 
@@ -78,7 +79,8 @@ def _cohere(version: str):
     check_bearer(state.config.server.auth.embed_tokens)
     req = parse_cohere_request(request.get_data(cache=False))
     ranker = resolve_ranker(req.model)
-    checked_texts([req.query, *req.documents], "documents")
+    checked_texts([req.query], "query")
+    checked_texts(req.documents, "documents")
     scores = ranker.rank(req.query, req.documents)
     return json_response(render_cohere_reply(req, scores, version, req.return_documents))
 

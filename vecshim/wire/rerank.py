@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..errors import BadRequest, brief
-from ..wire.inputs import InvalidField
+from .inputs import InvalidField
 from . import dumps
 from .weaviate import clean_text, parse_json_object
 
