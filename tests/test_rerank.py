@@ -5,16 +5,18 @@ scores are checked against cosines computed with sentence-transformers itself.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 
 import cohere
+import httpx
 import numpy as np
 import pytest
 
-from conftest import cos, fake_config
+from conftest import cos, fake_config, vecshim_serve
 from fakebackend import FakeBackend
-from goclient import go_json
+from goclient import GoClient, go_json
 
 from vecshim.app import create_app
 from vecshim.errors import ConfigError
@@ -45,6 +47,16 @@ def post_rerank(client, query, documents, path="/rerank"):
     return r
 
 
+@contextlib.contextmanager
+def cohere_client(url: str, v2: bool = True):
+    """The real cohere SDK pointed at vecshim, with an HTTP client we close."""
+    http = httpx.Client(timeout=60)
+    try:
+        yield (cohere.ClientV2 if v2 else cohere.Client)(api_key="unused", base_url=url, httpx_client=http)
+    finally:
+        http.close()
+
+
 def expected_cosines(st_model, query, documents):
     q = st_model.encode([query])[0]
     return [cos(q, st_model.encode([d if d else " "])[0]) for d in documents]
@@ -63,6 +75,19 @@ def test_reference_shape_scores_in_input_order(minilm, st_model):
     assert scores == pytest.approx(expected_cosines(st_model, QUERY, DOCS), abs=1e-4)
     assert max(range(len(DOCS)), key=scores.__getitem__) in (0, 4)
     assert scores[0] > scores[1] and scores[4] > scores[1]
+
+
+@pytest.mark.slow
+def test_real_vecshim_serve_without_config_answers_rerank(tmp_path, st_model):
+    with vecshim_serve(log_path=tmp_path / "serve.log") as (proc, port):
+        c = GoClient("127.0.0.1", port)
+        r = post_rerank(c, QUERY, DOCS)
+        assert r.status == 200
+        scores = [s["score"] for s in r.json()["scores"]]
+        assert scores == pytest.approx(expected_cosines(st_model, QUERY, DOCS), abs=1e-4)
+        with cohere_client(f"http://127.0.0.1:{port}") as co:
+            ranked = co.rerank(model="minilm-rerank", query=QUERY, documents=DOCS)
+        assert sorted(x.index for x in ranked.results) == list(range(len(DOCS)))
 
 
 def test_per_reranker_path_and_property_mode(minilm):
@@ -160,28 +185,27 @@ def test_meta_and_health_show_the_reranker(minilm):
 
 def test_cohere_sdk_v2_rerank_covers_every_document_sorted(minilm):
     expected = [s["score"] for s in post_rerank(minilm.client(), QUERY, DOCS).json()["scores"]]
-    co = cohere.ClientV2(api_key="unused", base_url=minilm.url)
-    reply = co.rerank(model="minilm-rerank", query=QUERY, documents=DOCS)
+    with cohere_client(minilm.url) as co:
+        reply = co.rerank(model="minilm-rerank", query=QUERY, documents=DOCS)
+        top = co.rerank(model="minilm-rerank", query=QUERY, documents=DOCS, top_n=2)
     indices = [r.index for r in reply.results]
     assert sorted(indices) == list(range(len(DOCS)))
     got = [r.relevance_score for r in reply.results]
     assert got == sorted(got, reverse=True)
     for r in reply.results:
         assert r.relevance_score == pytest.approx(expected[r.index], abs=1e-9)
-    top = co.rerank(model="minilm-rerank", query=QUERY, documents=DOCS, top_n=2)
     assert [r.index for r in top.results] == indices[:2]
 
 
 def test_cohere_sdk_v1_rerank_returns_documents(minilm):
-    co = cohere.Client(api_key="unused", base_url=minilm.url)
-    reply = co.rerank(model="minilm-rerank", query=QUERY, documents=[{"text": d} for d in DOCS[:2]],
-                      return_documents=True)
+    with cohere_client(minilm.url, v2=False) as co:
+        reply = co.rerank(model="minilm-rerank", query=QUERY, documents=[{"text": d} for d in DOCS[:2]],
+                          return_documents=True)
     assert {(r.index, r.document.text) for r in reply.results} == {(0, DOCS[0]), (1, DOCS[1])}
 
 
 def test_cohere_sdk_sees_errors_as_api_errors(minilm):
-    co = cohere.ClientV2(api_key="unused", base_url=minilm.url)
-    with pytest.raises(cohere.core.ApiError) as err:
+    with cohere_client(minilm.url) as co, pytest.raises(cohere.core.ApiError) as err:
         co.rerank(model="rerank-v3.5", query=QUERY, documents=DOCS)
     assert err.value.status_code == 404
     assert "configured rerankers: minilm-rerank" in err.value.body["message"]
