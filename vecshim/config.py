@@ -116,6 +116,10 @@ class ServerConfig(_Strict):
     """Request limits and auth."""
 
     max_request_mb: float = Field(16, gt=0)
+    #: Longest pause while a request's headers and body arrive (408 beyond; gunicorn only).
+    read_timeout_s: float = Field(5.0, gt=0, le=300)
+    #: Longest time to receive one whole request once it began (408 beyond; gunicorn only).
+    read_total_s: float = Field(30.0, gt=0, le=600)
     max_texts_per_request: int = Field(2048, ge=1)
     max_text_chars: int = Field(1_000_000, ge=1)
     auth: AuthConfig = Field(default_factory=AuthConfig)
