@@ -161,7 +161,7 @@ def test_close_finishes_queued_work():
     b = make(lambda t, k: (time.sleep(0.01), t)[1], max_size=2)
     items = [b.submit([f"t{i}"], [1], None) for i in range(10)]
     assert b.close(5)
-    assert all(it.done.is_set() and it.error is None for batch in items for it in batch)
+    assert all(f.done() and f.exception() is None for batch in items for f in batch)
 
 
 def test_overloaded_is_a_fast_503_over_http(serve):

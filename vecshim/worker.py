@@ -20,6 +20,7 @@ import errno
 import json
 import logging
 import re
+import select
 import selectors
 import socket
 import time
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 from functools import partial
 
 from gunicorn.workers.gthread import ThreadWorker
+
+from .batching import caller_gone
 
 __all__ = ["VecshimWorker", "ReadLimits", "Framing", "FramingError"]
 
@@ -379,12 +382,25 @@ class VecshimWorker(ThreadWorker):
             req._expected_100_continue = False  # already sent from the loop
         # A client that does not read its reply must not hold the thread forever.
         conn.sock.settimeout(max(self._limits.total_timeout, 30.0))
+        token = caller_gone.set(partial(_hung_up, conn.sock))
         try:
             return super().handle_request(req, conn)
         except TimeoutError:
             log.info("a client did not read its reply within %g s; connection closed",
                      conn.sock.gettimeout() or 0)
             return False
+        finally:
+            caller_gone.reset(token)
+
+
+def _hung_up(sock) -> bool:
+    """Whether the client closed its side (a waiting request's texts are then dropped)."""
+    try:
+        if not select.select([sock], [], [], 0)[0]:
+            return False
+        return sock.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
 
 
 def read_limits(app) -> ReadLimits:
