@@ -396,10 +396,12 @@ class VecshimWorker(ThreadWorker):
 def _hung_up(sock) -> bool:
     """Whether the client closed its side (a waiting request's texts are then dropped)."""
     try:
-        if not select.select([sock], [], [], 0)[0]:
+        poller = select.poll()  # not select(): descriptors above 1024 are common here
+        poller.register(sock, select.POLLIN)
+        if not poller.poll(0):
             return False
         return sock.recv(1, socket.MSG_PEEK) == b""
-    except (OSError, ValueError):
+    except OSError:
         return True
 
 
