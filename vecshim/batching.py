@@ -360,27 +360,28 @@ class Batcher:
         return batch
 
     def _round_robin(self) -> list[_Unit]:
-        """One text from each waiting request of the first request's key, in turn."""
+        """One text from each waiting request of the first request's key, in turn.
+
+        The next batch resumes the turn where this one stopped; requests of
+        other keys move ahead, so keys alternate too.
+        """
         key = self._jobs[0].key
         active = [j for j in self._jobs if j.key == key]
+        others = [j for j in self._jobs if j.key != key]
         batch: list[_Unit] = []
-        served = []
+        i = 0
         while len(batch) < self.max_size and active:
-            for job in list(active):
-                if len(batch) >= self.max_size:
-                    break
-                unit = self._pop_locked(job)
-                if unit is None:
-                    active.remove(job)
-                    continue
-                batch.append(unit)
-                if not served or served[-1] is not job:
-                    served.append(job)
-        for job in dict.fromkeys(served):
-            self._jobs.remove(job)
-            if job.next < len(job.units):
-                self._jobs.append(job)  # back of the queue: others go first next time
-        self._jobs = collections.deque(j for j in self._jobs if j.next < len(j.units))
+            job = active[i % len(active)]
+            unit = self._pop_locked(job)
+            if unit is None:
+                active.remove(job)  # the next request slides into this turn
+                continue
+            batch.append(unit)
+            i += 1
+        if active:
+            k = i % len(active)
+            active = active[k:] + active[:k]
+        self._jobs = collections.deque(others + [j for j in active if j.next < len(j.units)])
         return batch
 
     def _pop_locked(self, job: _Job) -> _Unit | None:
