@@ -18,7 +18,7 @@ from . import __version__
 from .cache import build_cache
 from .config import Config, load_config, parse_config
 from .errors import ConfigError, UnknownModelError, VecshimError
-from .model import Model, build_backend
+from .model import Model, UnavailableBackend, build_backend
 from .plugins import collect_backends, get_plugin_manager, plugin_infos
 from .api import compat, openai, ops, weaviate
 from .api import metrics as metrics_api
@@ -86,7 +86,10 @@ class State:
         """Why the server (or one model) can't serve yet; None when ready."""
         if self.draining:
             return "shutting down"
-        models = [self.get_model(name)] if name is not None else list(self.models.values())
+        if name is not None:
+            models = [self.get_model(name)]
+        else:  # `required: false` models never hold the server out of ready
+            models = [m for m in self.models.values() if m.cfg.required]
         for m in models:
             if not m.ready:
                 return f"model {m.name!r} is {m.state}" + (f": {m.error}" if m.error else "")
@@ -124,12 +127,12 @@ class State:
         """Block until all models are ready (tests and the CLI)."""
         deadline = time.monotonic() + timeout
         for m in self.models.values():
-            if not m._ready.wait(max(0.0, deadline - time.monotonic())):
+            if m.cfg.required and not m._ready.wait(max(0.0, deadline - time.monotonic())):
                 return False
         return True
 
     def _load_all(self) -> None:
-        pending = list(self.models.values())
+        pending = [m for m in self.models.values() if m.state != "unavailable"]
         delay = 1.0
         while pending and not self._stop.is_set():
             failed = []
@@ -179,11 +182,21 @@ def build_models(config: Config, registry, cache, stats=None) -> dict[str, Model
     """Validate every model's backend options and build the Model objects (no loading)."""
     models = {}
     for name, mcfg in config.models.items():
+        reason = config.unavailable.get(name)
         try:
-            cls = registry.get(mcfg.backend)
+            try:
+                cls = registry.get(mcfg.backend)
+            except ConfigError as err:
+                raise ConfigError(f"models.{name}.backend: {err.message}") from None
+            backend = build_backend(name, mcfg, cls)
         except ConfigError as err:
-            raise ConfigError(f"models.{name}.backend: {err.message}") from None
-        models[name] = Model(name, mcfg, build_backend(name, mcfg, cls), cache=cache, stats=stats)
+            if mcfg.required:
+                raise
+            reason, backend = reason or err.message, UnavailableBackend(mcfg.backend)
+        models[name] = Model(name, mcfg, backend, cache=cache, stats=stats)
+        if reason:  # optional and cannot start: served as 503, never loaded
+            models[name].state, models[name].error = "unavailable", reason
+            log.warning("model %r (required: false) is unavailable: %s", name, reason)
     for name, m in models.items():
         m.fallbacks = [models[f] for f in config.models[name].fallbacks]
         for fb in m.fallbacks:

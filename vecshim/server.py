@@ -52,8 +52,8 @@ def default_workers(config, base_dir: Path | None = None) -> int:
     pm = get_plugin_manager(dirs=config.plugins.dirs, disable=config.plugins.disable,
                             load_entrypoints=config.plugins.entrypoints, base_dir=base_dir)
     registry = collect_backends(pm)
-    build_models(config, registry, cache=None)  # validates options before forking
-    if any(registry.get(m.backend).in_process for m in config.models.values()):
+    models = build_models(config, registry, cache=None)  # validates options before forking
+    if any(m.backend.in_process for m in models.values()):
         return 1
     return 2
 
