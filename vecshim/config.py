@@ -5,7 +5,6 @@ import os
 import re
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -23,6 +22,7 @@ ENV_CONFIG = "VECSHIM_CONFIG"
 DEFAULT_MODEL_NAME = "minilm"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}|\$\$")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_SECRET_KEY = re.compile(r"key|token|secret|password|passwd|credential|auth", re.I)
 
 
 class _PathError(ValueError):
@@ -180,16 +180,31 @@ class Config(_Strict):
         return self
 
     def secrets(self) -> list[str]:
-        """Every secret-looking value in the config (for log redaction)."""
+        """Every secret in the config (for log redaction): values under secret-looking keys
+        (key, token, secret, password, at any depth of a model's options), bearer tokens,
+        and credentials inside any URL."""
+        from .logs import url_secrets
+
         found = list(self.server.auth.embed_tokens) + list(self.server.auth.metrics_tokens)
-        for model in self.models.values():
-            for key, value in model.options.items():
-                if isinstance(value, str) and value and re.search(r"key|token|secret|password", key, re.I):
+
+        def walk(value, secret: bool) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    # a *_file option names where the secret is; its content is registered on reading
+                    walk(v, secret or (bool(_SECRET_KEY.search(str(k))) and not str(k).endswith("_file")))
+            elif isinstance(value, (list, tuple)):
+                for v in value:
+                    walk(v, secret)
+            elif isinstance(value, str) and value:
+                if secret:
                     found.append(value)
+                if "@" in value and "://" in value:
+                    found.extend(url_secrets(value))
+
+        for model in self.models.values():
+            walk(model.options, False)
         if self.cache.redis_url:
-            password = urlsplit(self.cache.redis_url).password
-            if password:
-                found.append(password)
+            found.extend(url_secrets(self.cache.redis_url))
         return [s for s in found if len(s) >= 4]
 
 

@@ -16,7 +16,7 @@ from ..backend import Backend, BackendOptions, Task
 from ..errors import BackendError, ConfigError, UpstreamError
 from ..hookspecs import hookimpl
 from ..resilience import parse_retry_after
-from ._hosted import check_vectors, endpoint_host, redact, resolve_api_key
+from ._hosted import check_vectors, endpoint_host, resolve_api_key, upstream_detail
 
 __all__ = ["CohereBackend", "CohereOptions"]
 
@@ -157,7 +157,7 @@ class CohereBackend(Backend):
         elif status == 429:
             detail = "rate limited"
         else:
-            detail = redact(_error_message(getattr(exc, "body", None)), self._key)
+            detail = upstream_detail(self.name, status, _error_message(getattr(exc, "body", None)), self._key)
         return UpstreamError(f"cohere upstream returned {status} ({detail})",
                              upstream_status=status, retryable=retryable,
                              retry_after=parse_retry_after(getattr(exc, "headers", None)))
@@ -169,7 +169,7 @@ def _error_message(body: Any) -> str:
         return str(body["message"])
     if body is None:
         return "no details"
-    return body[:200] if isinstance(body, str) else json.dumps(body)[:200]
+    return body if isinstance(body, str) else json.dumps(body)
 
 
 @hookimpl

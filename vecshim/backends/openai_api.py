@@ -16,7 +16,7 @@ from ..backend import Backend, BackendOptions, Task
 from ..errors import BackendError, ConfigError, UpstreamError
 from ..hookspecs import hookimpl
 from ..resilience import parse_retry_after
-from ._hosted import check_vectors, endpoint_host, redact, resolve_api_key
+from ._hosted import check_vectors, endpoint_host, redact, resolve_api_key, upstream_detail
 
 __all__ = ["OpenAIBackend", "OpenAIOptions"]
 
@@ -175,7 +175,7 @@ class OpenAIBackend(Backend):
         elif status == 429:
             detail = "rate limited"
         else:
-            detail = redact(_error_message(exc.body), self._key)
+            detail = upstream_detail(self.name, status, _error_message(exc.body), self._key)
         return UpstreamError(f"openai upstream returned {status} ({detail})",
                              upstream_status=status, retryable=retryable,
                              retry_after=parse_retry_after(exc.response.headers))
@@ -193,7 +193,7 @@ def _error_message(body: Any) -> str:
         message = error.get("message") if isinstance(error, dict) else error
         if message:
             return str(message)
-    return json.dumps(body)[:200] if body is not None else "no details"
+    return json.dumps(body) if body is not None else "no details"
 
 
 @hookimpl
