@@ -39,7 +39,7 @@ def build_backend(name: str, cfg: ModelConfig, cls: type[Backend]) -> Backend:
     try:
         options = cls.Options.model_validate(cfg.options)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, prefix=f"models.{name}.options")) from None
+        raise ConfigError(format_validation_error(err, prefix=f"models.{name}.options", root=cls.Options)) from None
     return cls(options)
 
 
@@ -59,7 +59,8 @@ class UnavailableBackend(Backend):
 class Model:
     """One named model as served: `embed()` is the only way texts reach a backend."""
 
-    def __init__(self, name: str, cfg: ModelConfig, backend: Backend, *, cache=None, stats=None):
+    def __init__(self, name: str, cfg: ModelConfig, backend: Backend, *, cache=None, stats=None,
+                 fleet=None):
         self.name = name
         self.cfg = cfg
         self.backend = backend
@@ -72,6 +73,11 @@ class Model:
         self.batcher: Batcher | None = None
         self.fallbacks: list[Model] = []
         self.resilience = None
+        #: The app's rate budgets (`vecshim.budget.Fleet`); hosted backends take theirs from it.
+        self.fleet = fleet
+        self.budget = None
+        #: Called when `info()` changes after loading (a rate limit learned, Redis lost).
+        self.on_change = None
         self._ready = threading.Event()
         self._fingerprint: str | None = None
         #: Called once loaded, just before `ready` turns true.
@@ -133,6 +139,7 @@ class Model:
             "batch": {"max_size": self.cfg.batch.max_size, "max_wait_ms": self.cfg.batch.max_wait_ms},
             "fingerprint": self.fingerprint,
             "fallbacks": list(self.cfg.fallbacks),
+            **({"rate_budget": self.budget.info()} if self.budget is not None else {}),
         }
 
     @property
@@ -156,12 +163,20 @@ class Model:
         self.backend.load()
         from .resilience import Resilience  # the core wraps every backend call
 
+        self._attach_budget()
+        hosted = self.budget is not None
         self.resilience = Resilience(self.cfg.retry, self.cfg.circuit,
-                                     self.cfg.max_concurrency, self.name,
-                                     on_event=self.stats.upstream_event(self.name) if self.stats else None)
+                                     self.cfg.max_concurrency or (workers if hosted else None), self.name,
+                                     on_event=self.stats.upstream_event(self.name) if self.stats else None,
+                                     budget=self.budget,
+                                     on_window=self.stats.window_observer(self.name) if self.stats and hosted
+                                     else None)
+        max_size = self.cfg.batch.max_size
+        if hosted and "max_size" not in self.cfg.batch.model_fields_set:
+            max_size = self.backend.max_batch_size or max_size  # the provider's per-call limit
         if self.batcher is None:
             self.batcher = Batcher(
-                self.name, self._embed_batch, max_size=self.cfg.batch.max_size,
+                self.name, self._embed_batch, max_size=max_size, gate=self.resilience if hosted else None,
                 max_wait_ms=self.cfg.batch.max_wait_ms, workers=workers,
                 max_queue=self.cfg.batch.max_queue, max_request_tokens=self.max_request_tokens,
                 max_queue_tokens=self.cfg.batch.max_queue_tokens or 4 * self.max_request_tokens,
@@ -181,7 +196,20 @@ class Model:
             self.on_ready()  # e.g. re-render /meta before anyone sees the model as ready
         self._ready.set()
         log.info("model %r ready: backend %s, dimension %d, loaded in %.1f s",
-                 self.name, self.backend.name, self.dimension, self.load_seconds)
+                 self.name, self.backend.name, self.dimension, self.load_seconds, extra={"model": self.name})
+
+    def _attach_budget(self) -> None:
+        """Give a hosted backend (one with `rate_account()`) its account's fleet budget."""
+        account = getattr(self.backend, "rate_account", None)
+        if account is None or self.fleet is None or self.budget is not None:
+            return
+        self.budget = self.fleet.budget(*account())
+        self.budget.configure(self.cfg.rate_limit)
+        self.budget.subscribe(self._changed)
+
+    def _changed(self) -> None:
+        if self.ready and self.on_change is not None:
+            self.on_change()
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish queued work and release the backend."""
@@ -197,7 +225,14 @@ class Model:
         """Called by batch workers: one backend call, checked."""
         task = key or "passage"
         try:
-            raw = self.resilience.call(self.backend.embed, texts, task)
+            if self.budget is not None:
+                fn = getattr(self.backend, "embed_reply", self.backend.embed)
+                tokens = sum(self.backend.count_tokens(texts))
+                if self.stats:
+                    self.stats.upstream_texts.labels(self.name).observe(len(texts))
+                raw = self.resilience.call(fn, texts, task, tokens=tokens)
+            else:
+                raw = self.resilience.call(self.backend.embed, texts, task)
         except VecshimError:
             raise
         except Exception as err:
@@ -281,7 +316,8 @@ class Model:
                 # check here too, so a different vector space is never served.
                 if not fb.ready or fb.fingerprint != self.fingerprint:
                     continue
-                log.warning("model %r failed (%s); using fallback %r", self.name, err.message, fb.name)
+                log.warning("model %r failed (%s); using fallback %r", self.name, err.message, fb.name,
+                            extra={"model": self.name})
                 try:
                     return fb._run_here(texts, task)
                 except BackendError:
