@@ -428,3 +428,34 @@ def test_fifteen_one_million_character_texts_are_answered_and_light_clients_see_
     assert r.status == 413 and "batch.max_request_tokens" in r.json()["error"]
     assert c.request("POST", "/vectors", vec_request("still serving")).status == 200
     c.close()
+
+
+def test_the_texts_of_a_client_that_hung_up_are_dropped_not_computed(tmp_path):
+    from test_production import metric
+
+    cfg = {**fake_model(max_input_tokens=1, delay_s=0.05), "cache": {"enabled": False}}
+    cfg["models"]["fake"]["batch"] = {"max_size": 1, "workers": 1, "max_wait_ms": 0}
+    proc = start(tmp_path, cfg, "--workers", "1")
+    try:
+        c = GoClient("127.0.0.1", proc.port)
+
+        def embedded() -> float:
+            return metric(c.request("GET", "/metrics").body.decode(), "vecshim_batch_size_sum")
+
+        before = embedded()
+        s = connect(proc.port)  # 300 one-word windows, one 50 ms call each: at least 15 s of work
+        s.sendall(request_bytes(vec_request(" ".join(f"w{i}" for i in range(300)))))
+        time.sleep(1.0)
+        s.close()  # the client hangs up while its windows are queued
+        deadline = time.monotonic() + WAIT
+        while metric(c.request("GET", "/metrics").body.decode(), "vecshim_requests_total", status="499") < 1:
+            assert time.monotonic() < deadline, "the server never noticed the client had gone"
+            time.sleep(0.2)
+        dropped_at = embedded()
+        time.sleep(1.0)
+        assert embedded() <= dropped_at + 1  # at most the call already running finished
+        assert dropped_at - before < 300
+        assert c.request("POST", "/vectors", vec_request("after")).status == 200
+        c.close()
+    finally:
+        stop(proc)
