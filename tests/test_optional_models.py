@@ -63,6 +63,14 @@ def test_unset_var_makes_an_optional_model_unavailable_not_the_config_invalid():
     assert cfg.models["hosted"].options["api_key"] == "sk-test-1234"
 
 
+@pytest.mark.parametrize("spelling", [False, "false", "no"])
+def test_required_false_is_recognised_in_every_spelling_pydantic_accepts(spelling):
+    data = optional_config()
+    data["models"]["hosted"]["required"] = spelling
+    cfg = parse_config(data, {})
+    assert cfg.models["hosted"].required is False and set(cfg.unavailable) == {"hosted"}
+
+
 def test_unset_var_of_a_required_model_is_still_a_config_error():
     data = optional_config()
     del data["models"]["hosted"]["required"]
