@@ -209,3 +209,12 @@ def test_an_optional_model_whose_key_is_rejected_does_not_hold_ready(serve):
         status, _, body = post_json(s, "/models/hosted/vectors", {"text": "x"})
         assert status == 503 and wrong.encode() not in body
         assert wrong.encode() not in get(s, "/meta")[2]
+
+
+def test_an_unavailable_optional_fallback_is_dropped_not_fatal(serve):
+    data = optional_config()
+    data["models"]["fake"]["fallbacks"] = ["hosted"]
+    s = serve(data)
+    assert get(s, "/.well-known/ready")[0] == 204
+    assert s.state.models["fake"].fallbacks == []
+    assert post_json(s, "/vectors", {"text": "hello"})[0] == 200
