@@ -218,7 +218,8 @@ def build_models(config: Config, registry, cache, stats=None) -> dict[str, Model
             models[name].state, models[name].error = "unavailable", reason
             log.warning("model %r (required: false) is unavailable: %s", name, reason)
     for name, m in models.items():
-        m.fallbacks = [models[f] for f in config.models[name].fallbacks]
+        # an unavailable optional model can't be anyone's fallback (nor be compared with one)
+        m.fallbacks = [models[f] for f in config.models[name].fallbacks if models[f].state != "unavailable"]
         for fb in m.fallbacks:
             mine, theirs = m.fingerprint_parts(), fb.fingerprint_parts()
             if mine != theirs:
