@@ -28,14 +28,15 @@ def _base_dir(path: str | None) -> Path | None:
 
 def cmd_serve(args) -> int:
     """Validate the config, then run gunicorn with vecshim's defaults."""
-    from .server import (DEFAULTS, VecshimServer, default_workers, prepare_metrics_dir,
-                         read_gunicorn_config, remove_metrics_dir)
+    from .server import (DEFAULTS, VecshimServer, check_models, default_workers, prepare_metrics_dir,
+                         read_gunicorn_config, remove_metrics_dir, use_engine)
 
     metrics_dir = prepare_metrics_dir()  # before anything imports prometheus_client
     try:
         cfg = _config(args.config)
         # Precedence: flags, then $VECSHIM_BIND, then the gunicorn config file, then vecshim's defaults.
-        settings = dict(DEFAULTS, workers=default_workers(cfg, _base_dir(args.config)))
+        registry = check_models(cfg, _base_dir(args.config))
+        settings = dict(DEFAULTS, workers=default_workers(cfg, registry))
         if args.gunicorn_config:
             settings.update(read_gunicorn_config(args.gunicorn_config))
         if args.bind or os.environ.get("VECSHIM_BIND"):
@@ -45,7 +46,7 @@ def cmd_serve(args) -> int:
         if args.threads:
             settings["threads"] = args.threads
         path = os.path.abspath(args.config) if args.config else os.environ.get("VECSHIM_CONFIG")
-        VecshimServer(path, settings).run()
+        VecshimServer(path, settings, engine=use_engine(args.engine, settings["workers"])).run()
     finally:
         remove_metrics_dir(metrics_dir)
     return 0
@@ -53,10 +54,10 @@ def cmd_serve(args) -> int:
 
 def cmd_config_check(args) -> int:
     """Validate a config file, its backends and their options, without loading models."""
-    from .server import default_workers
+    from .server import check_models
 
     cfg = _config(args.file)
-    default_workers(cfg, _base_dir(args.file))
+    check_models(cfg, _base_dir(args.file))
     print(f"ok: {len(cfg.models)} model(s): {', '.join(cfg.models)}; default {cfg.default_model!r}")
     return 0
 
@@ -160,7 +161,10 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve the configured models with gunicorn")
     s.add_argument("--config", "-c", help="YAML config (default: $VECSHIM_CONFIG or the bundled model)")
     s.add_argument("--bind", "-b", help="HOST:PORT (default: $VECSHIM_BIND or 0.0.0.0:8080)")
-    s.add_argument("--workers", "-w", type=int, help="gunicorn workers (default: 1 for local models, else 2)")
+    s.add_argument("--workers", "-w", type=int, help="HTTP workers (default 4; see docs/operations.md)")
+    s.add_argument("--engine", choices=("auto", "on", "off"), default=os.environ.get("VECSHIM_ENGINE", "auto"),
+                   help="run the models once in an engine process shared by all workers "
+                        "(auto: when there is more than one worker; default $VECSHIM_ENGINE or auto)")
     s.add_argument("--threads", type=int, help="threads per worker (default 64)")
     s.add_argument("--gunicorn-config", help="gunicorn config file (python); overrides vecshim's defaults")
     s.set_defaults(func=cmd_serve)

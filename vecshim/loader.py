@@ -1,0 +1,112 @@
+"""The configured models of one process: build, load in the background, check fallbacks, close.
+
+Used by the HTTP app when models run in-process and by the engine process
+(vecshim/engine/) when one engine serves every HTTP worker of a replica.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from .config import Config
+from .errors import ConfigError, VecshimError
+from .model import Model, build_backend
+
+__all__ = ["ModelSet", "build_models", "describe_error"]
+
+log = logging.getLogger("vecshim.app")
+
+
+def describe_error(err: Exception) -> str:
+    """`Type: message` of a load failure (VecshimError messages are client-safe)."""
+    msg = err.message if isinstance(err, VecshimError) else str(err)
+    return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
+
+
+def build_models(config: Config, registry, cache, stats=None, model_cls: type[Model] = Model) -> dict[str, Model]:
+    """Validate every model's backend options and build the Model objects (no loading)."""
+    models = {}
+    for name, mcfg in config.models.items():
+        try:
+            cls = registry.get(mcfg.backend)
+        except ConfigError as err:
+            raise ConfigError(f"models.{name}.backend: {err.message}") from None
+        models[name] = model_cls(name, mcfg, build_backend(name, mcfg, cls), cache=cache, stats=stats)
+    for name, m in models.items():
+        m.fallbacks = [models[f] for f in config.models[name].fallbacks]
+        for fb in m.fallbacks:
+            mine, theirs = m.fingerprint_parts(), fb.fingerprint_parts()
+            if mine != theirs:
+                raise ConfigError(f"models.{name}.fallbacks: {fb.name!r} embeds into a different vector "
+                                  f"space ({theirs} vs {mine})")
+    return models
+
+
+class ModelSet:
+    """Models by name plus the thread that loads them; `on_change` runs after every state change."""
+
+    def __init__(self, models: dict[str, Model], on_change: Callable[[], None] | None = None):
+        self.models = models
+        self.on_change = on_change or (lambda: None)
+        for m in models.values():
+            m.on_ready = self._changed
+        self._loader: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def _changed(self) -> None:
+        self.on_change()
+
+    def start_loading(self) -> threading.Thread:
+        """Load every model in a background thread, retrying failures with backoff."""
+        self._loader = threading.Thread(target=self._load_all, name="vecshim-loader", daemon=True)
+        self._loader.start()
+        return self._loader
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Block until all models are ready (tests and the CLI)."""
+        deadline = time.monotonic() + timeout
+        for m in self.models.values():
+            if not m._ready.wait(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
+
+    def _load_all(self) -> None:
+        pending = list(self.models.values())
+        delay = 1.0
+        while pending and not self._stop.is_set():
+            failed = []
+            for m in pending:
+                try:
+                    m.load()
+                except Exception as err:  # keep serving /meta and readiness; retry below
+                    m.state, m.error = "failed", describe_error(err)
+                    try:  # the next attempt builds fresh clients; free these
+                        m.backend.close()
+                    except Exception:
+                        log.debug("closing model %r after a failed load also failed", m.name, exc_info=True)
+                    log.error("model %r failed to load: %s (retrying in %.0f s)", m.name, m.error, delay)
+                    failed.append(m)
+                self._changed()
+            pending = failed
+            if pending:
+                self._stop.wait(delay)
+                delay = min(delay * 2, 30.0)
+        self.check_fallbacks()
+
+    def check_fallbacks(self) -> None:
+        """Disable fallbacks whose loaded vector space differs from their model's."""
+        for m in self.models.values():
+            for fb in list(m.fallbacks):  # a copy: mismatches are removed as we go
+                if fb.ready and m.ready and fb.fingerprint != m.fingerprint:
+                    m.fallbacks.remove(fb)
+                    log.error("model %r: fallback %r has a different vector space (%s != %s); disabled",
+                              m.name, fb.name, fb.fingerprint, m.fingerprint)
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Stop loading and drain every model's queue."""
+        self._stop.set()
+        deadline = time.monotonic() + timeout
+        for m in self.models.values():
+            m.close(max(0.0, deadline - time.monotonic()))
