@@ -148,12 +148,21 @@ def prepare_metrics_dir() -> str | None:
         return None
     path = tempfile.mkdtemp(prefix="vecshim-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    _metrics_owner[path] = os.getpid()
     return path
 
 
+_metrics_owner: dict[str, int] = {}
+
+
 def remove_metrics_dir(path: str | None) -> None:
-    """Remove a metrics folder made by prepare_metrics_dir."""
-    if path:
+    """Remove a metrics folder made by prepare_metrics_dir, in the process that made it only.
+
+    A gunicorn worker leaves through SystemExit, which unwinds the master's
+    stack it was forked from: without the check, a worker retiring on HUP
+    would delete the folder the other processes still write to.
+    """
+    if path and _metrics_owner.get(path) == os.getpid():
         shutil.rmtree(path, ignore_errors=True)
 
 

@@ -40,11 +40,14 @@ class EngineLink:
         self._boot = None
         self._local = threading.local()
         self._closed = threading.Event()
+        self._first = threading.Event()
         self._watch_sock: socket.socket | None = None
         self._thread = threading.Thread(target=self._watch, name="vecshim-engine-link", daemon=True)
 
-    def start(self) -> "EngineLink":
+    def start(self, wait: float = 5.0) -> "EngineLink":
+        """Start watching; wait (bounded) for the first facts, so a new worker never starts out "down"."""
         self._thread.start()
+        self._first.wait(wait)
         return self
 
     def info(self) -> dict:
@@ -68,9 +71,10 @@ class EngineLink:
                             self._boot = facts["boot"]
                         self.facts, self.up = facts, True
                         self.on_facts(facts)
+                        self._first.set()
             except (OSError, channel.ChannelClosed, ValueError, KeyError):
                 pass
-            if self.up:
+            if self.up and not self._closed.is_set():
                 log.error("lost the engine (pid %s); answering 503 until it is back",
                           (self.facts or {}).get("pid"))
                 self.up = False
