@@ -88,7 +88,10 @@ class State:
         """Why the server (or one model) can't serve yet; None when ready."""
         if self.draining:
             return "shutting down"
-        models = [self.get_model(name)] if name is not None else list(self.models.values())
+        if name is not None:
+            models = [self.get_model(name)]
+        else:  # `required: false` models never hold the server out of ready
+            models = [m for m in self.models.values() if m.cfg.required]
         for m in models:
             if not m.ready:
                 return f"model {m.name!r} is {m.state}" + (f": {m.error}" if m.error else "")

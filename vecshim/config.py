@@ -8,7 +8,7 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 from .resilience import CircuitPolicy, RetryPolicy
@@ -78,6 +78,9 @@ class ModelConfig(_Strict):
     fallbacks: list[str] = Field(default_factory=list)
     #: Extra names this model answers to on the OpenAI/Ollama routes.
     aliases: list[str] = Field(default_factory=list)
+    #: false: a model that cannot start (unset `${VAR}`, missing extra, failed
+    #: load) does not hold the server out of ready; its own routes answer 503.
+    required: bool = True
 
 
 class CacheConfig(_Strict):
@@ -138,6 +141,13 @@ class Config(_Strict):
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    #: `required: false` models that cannot start -> why (set by parse_config).
+    _unavailable: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def unavailable(self) -> dict[str, str]:
+        """Optional models whose config cannot be completed (e.g. an unset `${VAR}`) -> the reason."""
+        return self._unavailable
 
     @model_validator(mode="after")
     def _check_models(self):
@@ -151,6 +161,9 @@ class Config(_Strict):
         if self.default_model not in self.models:
             raise _PathError("default_model",
                              f"{self.default_model!r} is not in models ({', '.join(self.models)})")
+        if not self.models[self.default_model].required:
+            raise _PathError(f"models.{self.default_model}.required",
+                             "the default model must be required (Weaviate's /vectors calls it)")
         for name, model in self.models.items():
             for fb in model.fallbacks:
                 if fb not in self.models or fb == name:
@@ -171,13 +184,20 @@ class Config(_Strict):
         return [s for s in found if len(s) >= 4]
 
 
-def expand_env(value: Any, env: dict[str, str] | None = None, *, path: str = "") -> Any:
-    """Expand `${VAR}` and `${VAR:-default}` in every string; `$$` is a literal `$`."""
+def expand_env(value: Any, env: dict[str, str] | None = None, *, path: str = "",
+               missing: list[str] | None = None) -> Any:
+    """Expand `${VAR}` and `${VAR:-default}` in every string; `$$` is a literal `$`.
+
+    An unset `${VAR}` is a ConfigError, or, when `missing` is a list, an empty
+    string with the error appended to it.
+    """
     env = os.environ if env is None else env
     if isinstance(value, dict):
-        return {k: expand_env(v, env, path=f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        return {k: expand_env(v, env, path=f"{path}.{k}" if path else str(k), missing=missing)
+                for k, v in value.items()}
     if isinstance(value, list):
-        return [expand_env(v, env, path=f"{path}.{i}" if path else str(i)) for i, v in enumerate(value)]
+        return [expand_env(v, env, path=f"{path}.{i}" if path else str(i), missing=missing)
+                for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
@@ -189,7 +209,11 @@ def expand_env(value: Any, env: dict[str, str] | None = None, *, path: str = "")
             return env[name]
         if default is not None:
             return default
-        raise ConfigError(f"{path or '<root>'}: environment variable {name} is not set")
+        message = f"{path or '<root>'}: environment variable {name} is not set"
+        if missing is None:
+            raise ConfigError(message)
+        missing.append(message)
+        return ""
 
     return _VAR.sub(sub, value)
 
@@ -216,11 +240,26 @@ def parse_config(data: Any, env: dict[str, str] | None = None) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("<root>: the config must be a mapping")
-    data = expand_env(data, env)
+    models = data.get("models")
+    optional = {n: m for n, m in models.items() if isinstance(m, dict) and m.get("required") is False} \
+        if isinstance(models, dict) else {}
+    # An optional model's unset ${VAR}s make that model unavailable, not the config invalid.
+    unavailable, expanded = {}, {}
+    for name, mdata in optional.items():
+        errors: list[str] = []
+        expanded[name] = expand_env(mdata, env, path=f"models.{name}", missing=errors)
+        if errors:
+            unavailable[name] = "; ".join(errors)
+    rest = {**data, "models": {n: m for n, m in models.items() if n not in optional}} if optional else data
+    data = expand_env(rest, env)
+    if optional:
+        data["models"] = {n: expanded.get(n, data["models"].get(n)) for n in models}
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err)) from None
+    cfg._unavailable.update(unavailable)
+    return cfg
 
 
 def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Config:

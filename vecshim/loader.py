@@ -12,7 +12,7 @@ from typing import Callable
 
 from .config import Config
 from .errors import ConfigError, VecshimError
-from .model import Model, build_backend
+from .model import Model, UnavailableBackend, build_backend
 
 __all__ = ["ModelSet", "build_models", "describe_error"]
 
@@ -29,11 +29,21 @@ def build_models(config: Config, registry, cache, stats=None, model_cls: type[Mo
     """Validate every model's backend options and build the Model objects (no loading)."""
     models = {}
     for name, mcfg in config.models.items():
+        reason = config.unavailable.get(name)
         try:
-            cls = registry.get(mcfg.backend)
+            try:
+                cls = registry.get(mcfg.backend)
+            except ConfigError as err:
+                raise ConfigError(f"models.{name}.backend: {err.message}") from None
+            backend = build_backend(name, mcfg, cls)
         except ConfigError as err:
-            raise ConfigError(f"models.{name}.backend: {err.message}") from None
-        models[name] = model_cls(name, mcfg, build_backend(name, mcfg, cls), cache=cache, stats=stats)
+            if mcfg.required:
+                raise
+            reason, backend = reason or err.message, UnavailableBackend(mcfg.backend)
+        models[name] = model_cls(name, mcfg, backend, cache=cache, stats=stats)
+        if reason:  # optional and cannot start: served as 503, never loaded
+            models[name].state, models[name].error = "unavailable", reason
+            log.warning("model %r (required: false) is unavailable: %s", name, reason)
     for name, m in models.items():
         m.fallbacks = [models[f] for f in config.models[name].fallbacks]
         for fb in m.fallbacks:
@@ -65,15 +75,15 @@ class ModelSet:
         return self._loader
 
     def wait_ready(self, timeout: float) -> bool:
-        """Block until all models are ready (tests and the CLI)."""
+        """Block until all required models are ready (tests and the CLI)."""
         deadline = time.monotonic() + timeout
         for m in self.models.values():
-            if not m._ready.wait(max(0.0, deadline - time.monotonic())):
+            if m.cfg.required and not m._ready.wait(max(0.0, deadline - time.monotonic())):
                 return False
         return True
 
     def _load_all(self) -> None:
-        pending = list(self.models.values())
+        pending = [m for m in self.models.values() if m.state != "unavailable"]
         delay = 1.0
         while pending and not self._stop.is_set():
             failed = []

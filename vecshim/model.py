@@ -12,13 +12,13 @@ from typing import Any, Sequence
 import numpy as np
 from pydantic import ValidationError
 
-from .backend import TASKS, Backend
+from .backend import TASKS, Backend, BackendOptions
 from .batching import Batcher
 from .config import ModelConfig, format_validation_error
 from .errors import (BackendError, BackendUnavailable, BadRequest, ConfigError, PayloadTooLarge, VecshimError,
                      brief)
 
-__all__ = ["Model", "build_backend", "WARMUP_TEXT"]
+__all__ = ["Model", "build_backend", "UnavailableBackend", "WARMUP_TEXT"]
 
 log = logging.getLogger("vecshim.model")
 WARMUP_TEXT = "vecshim warm-up: the quick brown fox jumps over the lazy dog."
@@ -35,6 +35,19 @@ def build_backend(name: str, cfg: ModelConfig, cls: type[Backend]) -> Backend:
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, prefix=f"models.{name}.options")) from None
     return cls(options)
+
+
+class UnavailableBackend(Backend):
+    """Stands in for a `required: false` model's backend that could not be built."""
+
+    name = "unavailable"
+
+    def __init__(self, backend_name: str):
+        super().__init__(BackendOptions())
+        self.name = backend_name
+
+    def embed(self, texts, task):
+        raise BackendUnavailable(f"backend {self.name!r} is unavailable")
 
 
 class Model:
@@ -102,6 +115,7 @@ class Model:
             "backend": b.name,
             "state": self.state,
             **({"error": self.error} if self.error else {}),
+            "required": self.cfg.required,
             "model": b.info(),
             "dimension": self.dimension,
             "normalized": self.normalized,
