@@ -139,7 +139,7 @@ class Model:
         """Load the backend, start the batcher and embed one warm-up text."""
         start = time.monotonic()
         workers = self.cfg.batch.workers or self.backend.concurrency or 1
-        self.backend.concurrency = workers  # a local backend sizes its threads per worker
+        self.backend.plan_threads(workers)  # a local backend sizes its threads per caller
         self.backend.load()
         from .resilience import Resilience  # the core wraps every backend call
 
