@@ -27,6 +27,12 @@ def describe_error(err: Exception) -> str:
 
 def build_models(config: Config, registry, cache, stats=None, model_cls: type[Model] = Model) -> dict[str, Model]:
     """Validate every model's backend options and build the Model objects (no loading)."""
+    from .budget import Fleet
+    from .metrics import multiprocess_dir
+
+    # The processes of one replica share `vecshim serve`'s metrics folder: their budget lives there.
+    fleet = Fleet(config.budget, redis_url=config.budget.redis_url or config.cache.redis_url,
+                  local_dir=multiprocess_dir(), stats=stats)
     models = {}
     for name, mcfg in config.models.items():
         reason = config.unavailable.get(name)
@@ -40,12 +46,13 @@ def build_models(config: Config, registry, cache, stats=None, model_cls: type[Mo
             if mcfg.required:
                 raise
             reason, backend = reason or err.message, UnavailableBackend(mcfg.backend)
-        models[name] = model_cls(name, mcfg, backend, cache=cache, stats=stats)
+        models[name] = model_cls(name, mcfg, backend, cache=cache, stats=stats, fleet=fleet)
         if reason:  # optional and cannot start: served as 503, never loaded
             models[name].state, models[name].error = "unavailable", reason
             log.warning("model %r (required: false) is unavailable: %s", name, reason)
     for name, m in models.items():
-        m.fallbacks = [models[f] for f in config.models[name].fallbacks]
+        # an unavailable optional model can't be anyone's fallback (nor be compared with one)
+        m.fallbacks = [models[f] for f in config.models[name].fallbacks if models[f].state != "unavailable"]
         for fb in m.fallbacks:
             mine, theirs = m.fingerprint_parts(), fb.fingerprint_parts()
             if mine != theirs:
@@ -61,7 +68,7 @@ class ModelSet:
         self.models = models
         self.on_change = on_change or (lambda: None)
         for m in models.values():
-            m.on_ready = self._changed
+            m.on_ready = m.on_change = self._changed
         self._loader: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -96,7 +103,8 @@ class ModelSet:
                         m.backend.close()
                     except Exception:
                         log.debug("closing model %r after a failed load also failed", m.name, exc_info=True)
-                    log.error("model %r failed to load: %s (retrying in %.0f s)", m.name, m.error, delay)
+                    log.error("model %r failed to load: %s (retrying in %.0f s)", m.name, m.error, delay,
+                              extra={"model": m.name})
                     failed.append(m)
                 self._changed()
             pending = failed
