@@ -70,7 +70,7 @@ def check_models(config, base_dir: Path | None = None):
     return registry
 
 
-def default_workers(config, registry) -> int:
+def default_workers(config) -> int:
     """HTTP workers when not set: see docs/operations.md "Process model" for the measurements.
 
     With an engine (the default) the models load once whatever the count, so
