@@ -1,8 +1,6 @@
 """A lone text runs on the ONNX session with every core, and gets the batch session's vector."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 
@@ -30,11 +28,7 @@ def _light(**options):
     backend.concurrency = 2 * available_cpus()  # the throughput layout: fewer threads per session than cores
     backend.load()
     assert backend._light is not None
-    backend.embed(["the first lone text starts building the all-cores session"], "passage")
-    if options.get("solo_session", True):  # built in the background
-        deadline = time.monotonic() + 60
-        while backend._light.solo is None and time.monotonic() < deadline:
-            time.sleep(0.05)
+    backend.embed(["the first lone text builds the all-cores session"], "passage")
     return backend
 
 
@@ -51,6 +45,4 @@ def test_a_lone_text_uses_the_all_cores_session_and_the_same_vector():
 
 
 def test_solo_session_can_be_turned_off():
-    backend = _light(solo_session=False)
-    time.sleep(0.5)
-    assert backend._light.solo is None
+    assert _light(solo_session=False)._light.solo is None

@@ -117,8 +117,8 @@ class LightModel:
         # A text that arrives alone gets every core: a second session with more intra-op
         # threads (not spinning, so it does not steal from a batch that starts meanwhile).
         # It costs one more copy of the weights, once per engine (bench/RESULTS.md "Issue 18").
-        # Built in the background when the first lone text arrives (the warm-up), so
-        # start-to-ready does not wait for it; lone texts use the batch session until then.
+        # Built by the first lone text (the warm-up), in that thread: built in another thread,
+        # ONNX Runtime aborts the process at interpreter exit.
         self.solo = None
         self._solo_plan = (folder / "model.onnx", solo_threads) if solo_threads and solo_threads > threads else None
         self._running = 0
@@ -148,9 +148,9 @@ class LightModel:
         with self._lock:
             self._running += 1
             alone = self._running == 1
-        if alone and len(texts) == 1 and self.solo is None and self._solo_plan is not None:
+        if alone and len(texts) == 1 and self._solo_plan is not None:
             plan, self._solo_plan = self._solo_plan, None
-            threading.Thread(target=self._load_solo, args=plan, name="vecshim-onnx-solo", daemon=True).start()
+            self._load_solo(*plan)
         try:
             session = self.solo if self.solo is not None and alone and len(texts) == 1 else self.session
             hidden = session.run(None, {k: feeds[k] for k in self.inputs})[0].astype(np.float32)
