@@ -30,6 +30,9 @@ from vecshim import Backend, hookimpl
 class BrokenBackend(Backend):
     name = "broken"
 
+    def info(self):
+        return {"model": "corrupt"}
+
     def load(self):
         raise RuntimeError("weights are corrupt")
 
@@ -260,7 +263,7 @@ def test_embed_load_timeout(fake_conf):
 
 
 def test_embed_bad_request_is_a_clean_error(fake_conf):
-    proc = run("embed", "-c", str(fake_conf()), "--dimensions", "4", "hi")
+    proc = run("embed", "-c", str(fake_conf()), "--dimensions", "99", "hi")  # above the native 8
     assert (proc.returncode, proc.stdout) == (1, "")
     assert proc.stderr.startswith("error: ")
     assert_no_traceback(proc)

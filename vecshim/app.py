@@ -19,6 +19,7 @@ from .cache import build_cache
 from .config import Config, load_config, parse_config
 from .errors import ConfigError, UnknownModelError, VecshimError
 from .model import Model, build_backend
+from .space import differences, require_identity
 from .plugins import collect_backends, get_plugin_manager, plugin_infos
 from .api import compat, openai, ops, weaviate
 from .api import metrics as metrics_api
@@ -152,12 +153,18 @@ class State:
         self._check_fallbacks()
 
     def _check_fallbacks(self) -> None:
+        changed = False
         for m in self.models.values():
             for fb in list(m.fallbacks):  # a copy: mismatches are removed as we go
                 if fb.ready and m.ready and fb.fingerprint != m.fingerprint:
+                    diff = differences(m.fingerprint_parts(), fb.fingerprint_parts()) or ["fingerprint"]
+                    reason = f"different vector space: {'; '.join(diff)}"
                     m.fallbacks.remove(fb)
-                    log.error("model %r: fallback %r has a different vector space (%s != %s); disabled",
-                              m.name, fb.name, fb.fingerprint, m.fingerprint)
+                    m.dropped_fallbacks.append({"name": fb.name, "reason": reason})
+                    changed = True
+                    log.error("model %r: fallback %r dropped: %s", m.name, fb.name, reason)
+        if changed:
+            self.render_meta()
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop loading, drain every model's queue, close the cache."""
@@ -183,14 +190,18 @@ def build_models(config: Config, registry, cache, stats=None) -> dict[str, Model
             cls = registry.get(mcfg.backend)
         except ConfigError as err:
             raise ConfigError(f"models.{name}.backend: {err.message}") from None
-        models[name] = Model(name, mcfg, build_backend(name, mcfg, cls), cache=cache, stats=stats)
+        backend = build_backend(name, mcfg, cls)
+        require_identity(name, backend)
+        models[name] = Model(name, mcfg, backend, cache=cache, stats=stats,
+                             origin=getattr(registry, "origins", {}).get(mcfg.backend))
     for name, m in models.items():
         m.fallbacks = [models[f] for f in config.models[name].fallbacks]
         for fb in m.fallbacks:
-            mine, theirs = m.fingerprint_parts(), fb.fingerprint_parts()
-            if mine != theirs:
-                raise ConfigError(f"models.{name}.fallbacks: {fb.name!r} embeds into a different vector "
-                                  f"space ({theirs} vs {mine})")
+            # Only what config alone decides; the rest is compared once both are loaded.
+            diff = differences(m.fingerprint_parts(), fb.fingerprint_parts(), known_only=True)
+            if diff:
+                raise ConfigError(f"models.{name}.fallbacks: fallback {fb.name}: {'; '.join(diff)} "
+                                  f"(a fallback must embed into the same vector space)")
     return models
 
 
@@ -278,7 +289,7 @@ def create_app(config: Config | dict | str | os.PathLike | None = None, *, plugi
         log.warning("server.auth.embed_tokens is set: Weaviate's text2vec-transformers client sends no "
                     "Authorization header, so /vectors needs a proxy that adds one (see docs/operations.md)")
     stats = stats if stats is not None else Stats()
-    cache = build_cache(cfg.cache, on_redis_error=stats.redis_error)
+    cache = build_cache(cfg.cache, on_redis_error=stats.redis_error, on_reject=stats.cache_reject)
     models = build_models(cfg, registry, cache, stats)
 
     app = Flask("vecshim")

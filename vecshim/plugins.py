@@ -16,7 +16,8 @@ from . import hookspecs
 from .backend import Backend
 from .errors import ConfigError, UnknownBackendError
 
-__all__ = ["DEFAULT_PLUGINS", "Registry", "get_plugin_manager", "collect_backends", "plugin_infos"]
+__all__ = ["DEFAULT_PLUGINS", "Registry", "get_plugin_manager", "collect_backends", "plugin_infos",
+           "plugin_origin"]
 
 #: Built-in backends, registered exactly like third-party plugins.
 DEFAULT_PLUGINS = (
@@ -32,6 +33,8 @@ class Registry:
 
     backends: dict[str, type[Backend]] = field(default_factory=dict)
     owners: dict[str, str] = field(default_factory=dict)
+    #: Backend name -> {"plugin", "distribution", "version"} of its registering plugin.
+    origins: dict[str, dict] = field(default_factory=dict)
 
     def get(self, name: str) -> type[Backend]:
         """Return the backend class called `name` or raise UnknownBackendError."""
@@ -47,6 +50,7 @@ class PluginManager(pluggy.PluginManager):
     def __init__(self):
         super().__init__(hookspecs.NAME)
         self.versions: dict[str, str] = {}
+        self.distributions: dict[str, str] = {}
 
 
 def _load_file(pm: pluggy.PluginManager, path: Path) -> None:
@@ -87,6 +91,7 @@ def _load_entrypoints(pm: PluginManager) -> None:
                     f"{type(err).__name__}: {err}") from err
             _register(pm, plugin, ep.name)
             pm.versions[ep.name] = dist.version
+            pm.distributions[ep.name] = dist.metadata["Name"]
 
 
 def get_plugin_manager(*, dirs: Iterable[str | Path] = (), disable: Iterable[str] = (),
@@ -125,13 +130,36 @@ def get_plugin_manager(*, dirs: Iterable[str | Path] = (), disable: Iterable[str
     return pm
 
 
+def plugin_origin(pm: pluggy.PluginManager, plugin: object) -> dict:
+    """Which plugin registered a backend: a stable name, its distribution and version.
+
+    Part of every model's fingerprint, so it must not change between processes:
+    an object registered without a name is named by its class, not pluggy's id().
+    """
+    from . import __version__
+
+    name = pm.get_name(plugin) or ""
+    dist = getattr(pm, "distributions", {}).get(name)
+    version = getattr(pm, "versions", {}).get(name)
+    if name.startswith("vecshim.") and dist is None:
+        dist, version = "vecshim", __version__
+    if name.isdigit() or not name:  # pluggy names an unnamed object by id()
+        cls = plugin if inspect.ismodule(plugin) or inspect.isclass(plugin) else type(plugin)
+        name = f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls.__name__)}"
+    if version is None:
+        module = plugin if inspect.ismodule(plugin) else sys.modules.get(getattr(plugin, "__module__", ""))
+        version = getattr(plugin, "__version__", None) or getattr(module, "__version__", None)
+    return {"plugin": name, "distribution": dist, "version": None if version is None else str(version)}
+
+
 def collect_backends(pm: pluggy.PluginManager) -> Registry:
     """Call every `register_backends` hook and return the registry; duplicates fail."""
     registry = Registry()
     for impl in reversed(pm.hook.register_backends.get_hookimpls()):
         owner = impl.plugin_name
+        origin = plugin_origin(pm, impl.plugin)
 
-        def register(cls, _owner=owner):
+        def register(cls, _owner=owner, origin=origin):
             if not (inspect.isclass(cls) and issubclass(cls, Backend)):
                 raise ConfigError(f"plugin {_owner!r} registered {cls!r}, which is not a vecshim.Backend subclass")
             name = getattr(cls, "name", None)
@@ -146,6 +174,7 @@ def collect_backends(pm: pluggy.PluginManager) -> Registry:
                     f"and by plugin {_owner!r}")
             registry.backends[name] = cls
             registry.owners[name] = _owner
+            registry.origins[name] = origin
 
         args = {"register": register}
         try:
