@@ -99,6 +99,13 @@ def test_two_plugins_differing_only_in_name_never_share_a_redis_entry(serve, red
     r.close()
 
 
+def test_fallback_between_plugins_differing_only_in_name_is_refused():
+    cfg = {"models": {"a": {"backend": "twin-a", "fallbacks": ["b"]}, "b": {"backend": "twin-b"}}}
+    with pytest.raises(ConfigError) as info:
+        create_app(cfg, plugins=[Twins()], load_entrypoints=False, load=False)
+    assert 'models.a.fallbacks: fallback b: backend_name "twin-b" \u2260 "twin-a"' in info.value.message
+
+
 class Anonymous(Backend):
     """Keeps info() at its default {}: nothing says which model it serves."""
 
@@ -355,3 +362,18 @@ def test_fallback_dropped_at_start_is_listed_in_meta_with_the_reason(serve):
     assert meta["fallbacks"] == []
     assert meta["fallbacks_dropped"] == [{"name": "spare",
                                           "reason": "different vector space: dimension 8 \u2260 16"}]
+
+
+def test_config_check_names_the_differing_key_of_a_fallback(tmp_path):
+    from test_cli import run
+
+    path = tmp_path / "fallbacks.yaml"
+    path.write_text("plugins: {entrypoints: false}\n"
+                    "models:\n"
+                    "  e5-a: {backend: openai, options: {model: e5, base_url: 'http://127.0.0.1:9/v1', dimensions: 384},"
+                    " fallbacks: [e5-b]}\n"
+                    "  e5-b: {backend: openai, options: {model: e5, base_url: 'http://127.0.0.1:9/v1', dimensions: 768}}\n")
+    proc = run("config", "check", str(path))
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert "models.e5-a.fallbacks: fallback e5-b: " in proc.stderr
+    assert "dimension 768 \u2260 384" in proc.stderr and "{" not in proc.stderr

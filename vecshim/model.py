@@ -130,8 +130,7 @@ class Model:
             "task_aware": self.task_split,
             "batch": {"max_size": self.cfg.batch.max_size, "max_wait_ms": self.cfg.batch.max_wait_ms},
             "fingerprint": self.fingerprint,
-            "fallbacks": [fb.name for fb in self.fallbacks] if self.fallbacks or self.dropped_fallbacks
-            else list(self.cfg.fallbacks),
+            "fallbacks": [f for f in self.cfg.fallbacks if f not in {d["name"] for d in self.dropped_fallbacks}],
             **({"fallbacks_dropped": list(self.dropped_fallbacks)} if self.dropped_fallbacks else {}),
         }
 
