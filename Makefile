@@ -7,7 +7,7 @@ TORCH_PIP_ARGS ?=
 export HF_HUB_OFFLINE ?= 1
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: setup serve test test-fast bench bench-hosted system-deps clean
+.PHONY: setup serve test test-fast deploy-check bench bench-hosted system-deps clean
 
 setup: $(VENV)/.installed
 
@@ -38,6 +38,13 @@ test: setup system-deps
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
+
+# Deploy artefacts without a container engine: hadolint, the Compose Specification
+# schema, kubectl kustomize + kubernetes-validate --strict (all from the test extra),
+# the image's build steps in a fresh venv, the shipped configs served with no secrets.
+# `make test` runs these too.
+deploy-check: setup
+	$(BIN)/python -m pytest -q tests/test_deploy.py tests/test_deploy_build.py tests/test_optional_models.py
 
 bench: setup
 	$(BIN)/python bench/run_all.py

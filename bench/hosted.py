@@ -47,18 +47,7 @@ KEY_ENV = "VECSHIM_BENCH_OPENAI_KEY"
 
 
 class CountingFake(FakeOpenAI):
-    """FakeOpenAI that also counts the calls it answered 429 (rate limited)."""
-
-    def __init__(self, **kw):
-        super().__init__(**kw)
-        self.limited = 0
-
-    def _rate_limited(self):
-        wait = super()._rate_limited()
-        if wait is not None:
-            with self._lock:
-                self.limited += 1
-        return wait
+    """FakeOpenAI with a snapshot of its counters."""
 
     def snapshot(self) -> dict:
         """Calls received so far, of which 429, and texts sent in accepted calls."""
@@ -70,20 +59,22 @@ class CountingFake(FakeOpenAI):
 
 
 def model_config(fake: FakeOpenAI, args, *, batched: bool) -> dict:
-    """The vecshim config of one run: the same model and retries, batching on or off."""
-    retry = {"max_attempts": args.max_attempts, "budget_s": args.budget_s,
-             "base_delay_s": 0.2, "max_delay_s": 8.0}
+    """The vecshim config of one run: defaults unless an option sets them; batching on or off."""
+    retry = {k: v for k, v in (("max_attempts", args.max_attempts), ("budget_s", args.budget_s)) if v}
     if batched:
-        batch = {"max_size": args.max_size, "max_wait_ms": args.max_wait_ms}
-        if args.batch_workers:
-            batch["workers"] = args.batch_workers
+        batch = {k: v for k, v in (("max_size", args.max_size), ("workers", args.batch_workers)) if v}
+        if args.max_wait_ms >= 0:
+            batch["max_wait_ms"] = args.max_wait_ms
     else:
         # Forwarding: each request becomes its own call at once, as a plain proxy does.
         batch = {"max_size": 1, "max_wait_ms": 0, "workers": args.concurrency}
     model = {"backend": "openai",
              "options": {"model": "text-embedding-3-small", "base_url": fake.url + "/v1",
-                         "api_key": "${%s}" % KEY_ENV, "timeout_s": 10.0},
-             "batch": batch, "retry": retry}
+                         "api_key": "${%s}" % KEY_ENV, "dimensions": args.dim}}
+    if batch:
+        model["batch"] = batch
+    if retry:
+        model["retry"] = retry
     if batched and args.max_concurrency:
         model["max_concurrency"] = args.max_concurrency
     return {"models": {"hosted": model}, "cache": {"enabled": False},
@@ -97,7 +88,9 @@ def start_server(config: dict, workdir: Path, name: str, args) -> tuple[subproce
     port = free_port()
     log_path = workdir / f"{name}.log"
     cmd = [str(REPO / ".venv/bin/vecshim"), "serve", "--config", str(cfg_path),
-           "--bind", f"127.0.0.1:{port}", "--workers", str(args.workers)]
+           "--bind", f"127.0.0.1:{port}"]
+    if args.workers:
+        cmd += ["--workers", str(args.workers)]
     env = dict(os.environ, HF_HUB_OFFLINE="1", **{KEY_ENV: KEY})
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env,
@@ -138,7 +131,8 @@ def run_one(name: str, fake: CountingFake, args, workdir: Path, seed: int) -> di
         "upstream_calls_per_s": round(calls / report["seconds"], 1),
         "upstream_calls_per_text": round(calls / served, 4) if served else None,
         "texts_per_upstream_call": round(served / calls, 1) if calls else None,
-        "batch": config["models"]["hosted"]["batch"], "retry": config["models"]["hosted"]["retry"],
+        "batch": config["models"]["hosted"].get("batch", "defaults"),
+        "retry": config["models"]["hosted"].get("retry", "defaults"),
     })
     return report
 
@@ -184,13 +178,15 @@ def main() -> None:
     p.add_argument("--latency-ms", type=float, default=50.0, help="fake upstream latency per call")
     p.add_argument("--rate-limit", type=float, default=20.0, help="fake upstream calls/s before 429")
     p.add_argument("--dim", type=int, default=256, help="vector length the fake answers")
-    p.add_argument("--max-size", type=int, default=256, help="batched: batch.max_size")
-    p.add_argument("--max-wait-ms", type=float, default=30.0, help="batched: batch.max_wait_ms")
+    p.add_argument("--max-size", type=int, default=0, help="batched: batch.max_size (0: default)")
+    p.add_argument("--max-wait-ms", type=float, default=-1, help="batched: batch.max_wait_ms (<0: default)")
     p.add_argument("--batch-workers", type=int, default=0, help="batched: batch.workers (0: backend's)")
     p.add_argument("--max-concurrency", type=int, default=0, help="batched: max_concurrency (0: unset)")
-    p.add_argument("--max-attempts", type=int, default=5, help="retry.max_attempts (both)")
-    p.add_argument("--budget-s", type=float, default=40.0, help="retry.budget_s (both)")
-    p.add_argument("--workers", type=int, default=1, help="gunicorn workers")
+    p.add_argument("--max-attempts", type=int, default=0, help="retry.max_attempts (both; 0: default)")
+    p.add_argument("--budget-s", type=float, default=0, help="retry.budget_s (both; 0: default)")
+    p.add_argument("--workers", type=int, default=0, help="gunicorn workers (0: vecshim serve's default)")
+    p.add_argument("--retry-after", default="0.2", help="Retry-After of the fake's 429s ('': computed)")
+    p.add_argument("--no-limit-headers", action="store_true", help="the fake sends no x-ratelimit-* headers")
     p.add_argument("--only", choices=("batched", "baseline"), default=None)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args()
@@ -198,7 +194,8 @@ def main() -> None:
     names = [args.only] if args.only else ["batched", "baseline"]
     result: dict = {"machine": versions(), "runs": []}
     with CountingFake(dim=args.dim, api_key=KEY, latency_s=args.latency_ms / 1000,
-                      rate_limit=args.rate_limit) as fake, \
+                      rate_limit=args.rate_limit, retry_after=args.retry_after or None,
+                      send_limits=not args.no_limit_headers) as fake, \
             tempfile.TemporaryDirectory(prefix="vecshim-bench-hosted-") as tmp:
         for i, name in enumerate(names):
             result["runs"].append(run_one(name, fake, args, Path(tmp), seed=100 + i))

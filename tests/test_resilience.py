@@ -51,7 +51,7 @@ def upstream(status=500, retry_after=None, retryable=True):
 
 # -- policies and Retry-After parsing ------------------------------------------
 def test_policies_have_documented_defaults_and_reject_unknown_keys():
-    assert RetryPolicy().model_dump() == {"max_attempts": 5, "budget_s": 40.0,
+    assert RetryPolicy().model_dump() == {"max_attempts": None, "budget_s": 40.0,
                                           "base_delay_s": 0.2, "max_delay_s": 8.0}
     assert CircuitPolicy().model_dump() == {"failures": 5, "reset_s": 10.0}
     with pytest.raises(pydantic.ValidationError):

@@ -375,5 +375,21 @@ def test_config_check_names_the_differing_key_of_a_fallback(tmp_path):
                     "  e5-b: {backend: openai, options: {model: e5, base_url: 'http://127.0.0.1:9/v1', dimensions: 768}}\n")
     proc = run("config", "check", str(path))
     assert (proc.returncode, proc.stdout) == (2, "")
-    assert "models.e5-a.fallbacks: fallback e5-b: " in proc.stderr
+    assert "models.e5-a.fallbacks.0: fallback e5-b: " in proc.stderr
     assert "dimension 768 \u2260 384" in proc.stderr and "{" not in proc.stderr
+
+
+def test_config_check_reports_an_empty_backend_identity(tmp_path):
+    from test_cli import run
+
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "anon.py").write_text(
+        "from vecshim import Backend, hookimpl\n\n\n"
+        "class Anonymous(Backend):\n    name = 'anonymous'\n\n"
+        "    def embed(self, texts, task):\n        return [[1.0, 0.0] for _ in texts]\n\n\n"
+        "@hookimpl\ndef register_backends(register):\n    register(Anonymous)\n")
+    path = tmp_path / "anon.yaml"
+    path.write_text("plugins: {dirs: [plugins], entrypoints: false}\nmodels:\n  m: {backend: anonymous}\n")
+    proc = run("config", "check", str(path))
+    assert proc.returncode == 2
+    assert "models.m: backend 'anonymous' must say which model it serves" in proc.stderr

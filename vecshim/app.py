@@ -18,7 +18,7 @@ from . import __version__
 from .cache import build_cache
 from .config import Config, load_config, parse_config
 from .errors import ConfigError, UnknownModelError, VecshimError
-from .model import Model, build_backend
+from .model import Model, UnavailableBackend, build_backend
 from .space import differences, require_identity
 from .plugins import collect_backends, get_plugin_manager, plugin_infos
 from .api import compat, openai, ops, weaviate
@@ -31,6 +31,7 @@ __all__ = ["create_app", "State", "build_models"]
 
 log = logging.getLogger("vecshim.app")
 _SLASHES = re.compile(r"/{2,}")
+_PROBES = ("/.well-known/live", "/.well-known/ready")
 
 
 class State:
@@ -44,9 +45,12 @@ class State:
         self.cache = cache
         self.stats = stats
         self.draining = False
+        #: HTTP requests being handled right now (for the drain summary on SIGTERM).
+        self.in_flight = 0
+        self._in_flight_lock = threading.Lock()
         self.plugins = plugin_infos(pm)
         for m in models.values():
-            m.on_ready = self.render_meta
+            m.on_ready = m.on_change = self.render_meta
         self._meta: dict[str | None, bytes] = {}
         self._loader: threading.Thread | None = None
         self._stop = threading.Event()
@@ -87,14 +91,22 @@ class State:
         """Why the server (or one model) can't serve yet; None when ready."""
         if self.draining:
             return "shutting down"
-        models = [self.get_model(name)] if name is not None else list(self.models.values())
+        if name is not None:
+            models = [self.get_model(name)]
+        else:  # `required: false` models never hold the server out of ready
+            models = [m for m in self.models.values() if m.cfg.required]
         for m in models:
             if not m.ready:
                 return f"model {m.name!r} is {m.state}" + (f": {m.error}" if m.error else "")
         return None
 
     def render_meta(self) -> None:
-        """Pre-render /meta for the server and each model (on startup and state changes)."""
+        """Pre-render /meta for the server and each model (on startup and state changes); update state gauges."""
+        if self.stats is not None:
+            for name, m in self.models.items():
+                self.stats.set_model_state(name, m.state)
+                if m.resilience is not None:
+                    self.stats.track_circuit(name, lambda m=m: m.resilience.state)
         infos = {name: m.info() for name, m in self.models.items()}
         root = {
             "vecshim_version": __version__,
@@ -125,12 +137,12 @@ class State:
         """Block until all models are ready (tests and the CLI)."""
         deadline = time.monotonic() + timeout
         for m in self.models.values():
-            if not m._ready.wait(max(0.0, deadline - time.monotonic())):
+            if m.cfg.required and not m._ready.wait(max(0.0, deadline - time.monotonic())):
                 return False
         return True
 
     def _load_all(self) -> None:
-        pending = list(self.models.values())
+        pending = [m for m in self.models.values() if m.state != "unavailable"]
         delay = 1.0
         while pending and not self._stop.is_set():
             failed = []
@@ -143,7 +155,8 @@ class State:
                         m.backend.close()
                     except Exception:
                         log.debug("closing model %r after a failed load also failed", m.name, exc_info=True)
-                    log.error("model %r failed to load: %s (retrying in %.0f s)", m.name, m.error, delay)
+                    log.error("model %r failed to load: %s (retrying in %.0f s)", m.name, m.error, delay,
+                              extra={"model": m.name})
                     failed.append(m)
                 self.render_meta()
             pending = failed
@@ -166,6 +179,10 @@ class State:
         if changed:
             self.render_meta()
 
+    def queued(self) -> int:
+        """Texts queued or being embedded, over every model."""
+        return sum(m.batcher.busy for m in self.models.values() if m.batcher is not None)
+
     def close(self, timeout: float = 30.0) -> None:
         """Stop loading, drain every model's queue, close the cache."""
         self.draining = True
@@ -184,16 +201,31 @@ def _describe(err: Exception) -> str:
 
 def build_models(config: Config, registry, cache, stats=None) -> dict[str, Model]:
     """Validate every model's backend options and build the Model objects (no loading)."""
+    from .budget import Fleet
+    from .metrics import multiprocess_dir
+
+    # gunicorn workers of one replica share `vecshim serve`'s metrics folder: their budget lives there.
+    fleet = Fleet(config.budget, redis_url=config.budget.redis_url or config.cache.redis_url,
+                  local_dir=multiprocess_dir(), stats=stats)
     models = {}
     for name, mcfg in config.models.items():
+        reason = config.unavailable.get(name)
         try:
-            cls = registry.get(mcfg.backend)
+            try:
+                cls = registry.get(mcfg.backend)
+            except ConfigError as err:
+                raise ConfigError(f"models.{name}.backend: {err.message}") from None
+            backend = build_backend(name, mcfg, cls)
+            require_identity(name, backend)
         except ConfigError as err:
-            raise ConfigError(f"models.{name}.backend: {err.message}") from None
-        backend = build_backend(name, mcfg, cls)
-        require_identity(name, backend)
-        models[name] = Model(name, mcfg, backend, cache=cache, stats=stats,
+            if mcfg.required:
+                raise
+            reason, backend = reason or err.message, UnavailableBackend(mcfg.backend)
+        models[name] = Model(name, mcfg, backend, cache=cache, stats=stats, fleet=fleet,
                              origin=getattr(registry, "origins", {}).get(mcfg.backend))
+        if reason:  # optional and cannot start: served as 503, never loaded
+            models[name].state, models[name].error = "unavailable", reason
+            log.warning("model %r (required: false) is unavailable: %s", name, reason)
     for name, m in models.items():
         m.fallbacks = [models[f] for f in config.models[name].fallbacks]
         for fb in m.fallbacks:
@@ -247,6 +279,11 @@ def _register_request_hooks(app: Flask, state: State) -> None:
 
     @app.before_request
     def start_request():
+        with state._in_flight_lock:
+            state.in_flight += 1
+        g.vecshim_counted = True
+        if state.stats is not None:
+            state.stats.in_flight.inc()
         g.vecshim_start = time.perf_counter()
         g.request_id = new_request_id(request.headers.get("X-Request-ID"))
         request_id_var.set(g.request_id)
@@ -260,11 +297,21 @@ def _register_request_hooks(app: Flask, state: State) -> None:
         if state.stats is not None:
             state.stats.requests.labels(route, model, str(response.status_code)).inc()
             state.stats.latency.labels(route, model).observe(elapsed)
-        access.info("%s %s %d %.1f ms", request.method, request.path, response.status_code, elapsed * 1000,
-                    extra={"method": request.method, "path": request.path, "status": response.status_code,
-                           "ms": round(elapsed * 1000, 2), "model": model, "remote": request.remote_addr,
-                           "bytes": response.calculate_content_length()})
+        # Probes arrive every few seconds from every kubelet and load balancer: DEBUG detail.
+        level = logging.DEBUG if route.endswith(_PROBES) else logging.INFO
+        access.log(level, "%s %s %d %.1f ms", request.method, request.path, response.status_code, elapsed * 1000,
+                   extra={"method": request.method, "path": request.path, "status": response.status_code,
+                          "ms": round(elapsed * 1000, 2), "model": model, "remote": request.remote_addr,
+                          "bytes": response.calculate_content_length()})
         return response
+
+    @app.teardown_request
+    def end_request(exc):
+        if g.pop("vecshim_counted", False):
+            with state._in_flight_lock:
+                state.in_flight -= 1
+            if state.stats is not None:
+                state.stats.in_flight.dec()
 
 
 def create_app(config: Config | dict | str | os.PathLike | None = None, *, plugins: Iterable[object] = (),

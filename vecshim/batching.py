@@ -95,6 +95,12 @@ class Batcher:
     sequential (nothing in flight, last batch of one); otherwise it waits up
     to `max_wait_ms` after the oldest item arrived for the batch to fill to
     `max_size`. `embed_fn(texts, key)` returns one vector per text.
+
+    With a `gate` (hosted backends) coalescing adapts instead: a worker takes
+    a batch only when `gate.delay()` is 0 (the upstream can take a call now)
+    and takes everything queued then, so texts pile up while calls are in
+    flight or the upstream pushes back, and a lone text on an idle upstream
+    goes at once. `gate.subscribe(fn)` wakes waiting workers when a call ends.
     """
 
     def __init__(self, name: str, embed_fn: Callable[[list[str], Hashable], Sequence], *,
@@ -104,7 +110,7 @@ class Batcher:
                  on_batch: Callable[[int, float, float], None] | None = None,
                  on_depth: Callable[[int], None] | None = None,
                  thread_init: Callable[[], None] | None = None,
-                 stuck_after_s: float | None = None):
+                 stuck_after_s: float | None = None, gate=None):
         self.name = name
         self.embed_fn = embed_fn
         self.max_size = max_size
@@ -116,6 +122,7 @@ class Batcher:
         self.on_batch = on_batch
         self.on_depth = on_depth
         self.thread_init = thread_init
+        self.gate = gate
         self._queue: list[Item] = []
         self._cond = threading.Condition()
         self._closed = False
@@ -125,6 +132,8 @@ class Batcher:
         self._threads: list[threading.Thread] = []
         self._calls: dict[int, float] = {}  # thread id -> start of its current backend call
         self._stuck: set[int] = set()       # threads replaced while hung; they retire on return
+        if gate is not None:
+            gate.subscribe(self._wake)
         for _ in range(workers):
             self._spawn()
         if stuck_after_s:
@@ -192,8 +201,31 @@ class Batcher:
                 raise it.error
         return [it.result for it in items]
 
-    def _take(self) -> list[Item] | None:
+    def _wake(self) -> None:
         with self._cond:
+            self._cond.notify_all()
+
+    def _await_gate(self) -> None:
+        """Hold this worker while texts are queued but the upstream cannot take a call yet."""
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+            delay = self.gate.delay()  # may ask Redis: not under the queue's lock
+            if delay <= 0:
+                return
+            with self._cond:
+                if not self._closed:
+                    self._cond.wait(min(delay, 0.25))
+
+    def _take(self) -> list[Item] | None:
+        if self.gate is not None:
+            self._await_gate()
+        with self._cond:
+            if self.gate is not None and not self._queue and not self._closed:
+                return []  # another worker took them; ask the gate again for new ones
             while not self._queue:
                 if self._closed:
                     return None
@@ -201,7 +233,8 @@ class Batcher:
             # Wait for company only under concurrent load: several texts queued, others
             # in flight, or a last batch of several. Otherwise the first text to arrive
             # after a batch returns goes alone, and calls carry 1 and n-1 texts in turn.
-            if self.max_wait > 0 and (len(self._queue) > 1 or self._busy or self._last_size > 1):
+            if self.max_wait > 0 and self.gate is None and (len(self._queue) > 1 or self._busy
+                                                            or self._last_size > 1):
                 deadline = self._queue[0].enqueued + self.max_wait
                 while len(self._queue) < self.max_size and not self._closed:
                     left = deadline - time.monotonic()

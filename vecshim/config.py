@@ -1,28 +1,35 @@
 """Configuration: one YAML file, `${VAR}` expansion, strict pydantic validation."""
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from .budget import BudgetConfig, RateLimit
 from .errors import ConfigError
 from .resilience import CircuitPolicy, RetryPolicy
 
 __all__ = [
     "Config", "ModelConfig", "BatchConfig", "CacheConfig", "ServerConfig",
     "load_config", "parse_config", "expand_env", "format_validation_error",
-    "DEFAULT_MODEL_NAME", "ENV_CONFIG",
+    "DEFAULT_MODEL_NAME", "ENV_CONFIG", "cross_field_problems", "did_you_mean", "CHECK_CONTEXT",
 ]
 
 ENV_CONFIG = "VECSHIM_CONFIG"
 DEFAULT_MODEL_NAME = "minilm"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}|\$\$")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+#: Validation context under which Config skips its cross-field rules
+#: (vecshim.check reports those itself, next to the schema errors).
+CHECK_CONTEXT = {"vecshim_skip_cross_field": True}
 
 
 class _PathError(ValueError):
@@ -75,12 +82,19 @@ class ModelConfig(_Strict):
     timeout_s: float = Field(45.0, gt=0, le=600)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     circuit: CircuitPolicy = Field(default_factory=CircuitPolicy)
-    #: Most concurrent backend calls (None: one per batch worker).
+    #: Most concurrent backend calls (None: one per batch worker). For a hosted
+    #: backend the start and ceiling of its adaptive (AIMD) window.
     max_concurrency: int | None = Field(None, ge=1)
+    #: Known limits of a hosted backend's account; the lower of these and what
+    #: the upstream's headers announce applies.
+    rate_limit: RateLimit | None = None
     #: Models tried in order when this one fails; each must share the fingerprint.
     fallbacks: list[str] = Field(default_factory=list)
     #: Extra names this model answers to on the OpenAI/Ollama routes.
     aliases: list[str] = Field(default_factory=list)
+    #: false: a model that cannot start (unset `${VAR}`, missing extra, failed
+    #: load) does not hold the server out of ready; its own routes answer 503.
+    required: bool = True
 
 
 class CacheConfig(_Strict):
@@ -141,23 +155,30 @@ class Config(_Strict):
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    #: Where hosted models share their rate budget (Redis for a fleet).
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    #: `required: false` models that cannot start -> why (set by parse_config).
+    _unavailable: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @property
+    def unavailable(self) -> dict[str, str]:
+        """Optional models whose config cannot be completed (e.g. an unset `${VAR}`) -> the reason."""
+        return self._unavailable
 
     @model_validator(mode="after")
-    def _check_models(self):
+    def _check_models(self, info):
         if not self.models:
             self.models = {DEFAULT_MODEL_NAME: ModelConfig(backend="sentence-transformers")}
-        for name in self.models:
-            if not re.match(_NAME, name):
-                raise _PathError(f"models.{name}", f"model name {name!r} must match {_NAME}")
+        if (info.context or {}).get("vecshim_skip_cross_field"):
+            if self.default_model not in self.models:
+                self.default_model = next(iter(self.models))
+            return self
+        problems = cross_field_problems(self.default_model, {n: m.fallbacks for n, m in self.models.items()},
+                                        optional={n for n, m in self.models.items() if not m.required})
+        if problems:
+            raise _PathError(*problems[0])
         if self.default_model is None:
             self.default_model = next(iter(self.models))
-        if self.default_model not in self.models:
-            raise _PathError("default_model",
-                             f"{self.default_model!r} is not in models ({', '.join(self.models)})")
-        for name, model in self.models.items():
-            for fb in model.fallbacks:
-                if fb not in self.models or fb == name:
-                    raise _PathError(f"models.{name}.fallbacks", f"{fb!r} is not another configured model")
         return self
 
     def secrets(self) -> list[str]:
@@ -167,20 +188,64 @@ class Config(_Strict):
             for key, value in model.options.items():
                 if isinstance(value, str) and value and re.search(r"key|token|secret|password", key, re.I):
                     found.append(value)
-        if self.cache.redis_url:
-            password = urlsplit(self.cache.redis_url).password
+        for url in (self.cache.redis_url, self.budget.redis_url):
+            password = urlsplit(url).password if url else None
             if password:
                 found.append(password)
         return [s for s in found if len(s) >= 4]
 
 
-def expand_env(value: Any, env: dict[str, str] | None = None, *, path: str = "") -> Any:
-    """Expand `${VAR}` and `${VAR:-default}` in every string; `$$` is a literal `$`."""
+def cross_field_problems(default_model: str | None, fallbacks: dict[str, list],
+                         optional=frozenset()) -> list[tuple[str, str]]:
+    """(path, problem) for model names, `default_model` and fallbacks that name no model.
+
+    `fallbacks` maps every configured model name to its fallback list;
+    `optional` holds the names of `required: false` models.
+    """
+    out = []
+    names = list(fallbacks)
+    for name in names:
+        if not re.match(_NAME, str(name)):
+            out.append((f"models.{name}", f"model name {name!r} must match {_NAME}"))
+    if default_model is not None and default_model not in fallbacks:
+        out.append(("default_model", f"{default_model!r} is not in models ({', '.join(map(str, names))})"
+                    + did_you_mean(default_model, names)))
+    default = default_model if default_model in fallbacks else (names[0] if default_model is None and names
+                                                                else None)
+    if default in optional:
+        out.append((f"models.{default}.required", "the default model must be required (Weaviate's /vectors "
+                                                  "calls it)"))
+    for name, fbs in fallbacks.items():
+        for i, fb in enumerate(fbs or ()):
+            if fb not in fallbacks or fb == name:
+                others = [n for n in names if n != name]
+                out.append((f"models.{name}.fallbacks.{i}",
+                            f"{fb!r} is not another configured model" + did_you_mean(fb, others)))
+    return out
+
+
+def did_you_mean(word: Any, choices) -> str:
+    """` (did you mean 'x'?)` for the closest of `choices`, or ''."""
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def expand_env(value: Any, env: dict[str, str] | None = None, *, path: str = "",
+               missing: list[str] | None = None) -> Any:
+    """Expand `${VAR}` and `${VAR:-default}` in every string; `$$` is a literal `$`.
+
+    An unset `${VAR}` is a ConfigError, or, when `missing` is a list, an empty
+    string with the error appended to it.
+    """
     env = os.environ if env is None else env
     if isinstance(value, dict):
-        return {k: expand_env(v, env, path=f"{path}.{k}" if path else str(k)) for k, v in value.items()}
+        return {k: expand_env(v, env, path=f"{path}.{k}" if path else str(k), missing=missing)
+                for k, v in value.items()}
     if isinstance(value, list):
-        return [expand_env(v, env, path=f"{path}.{i}" if path else str(i)) for i, v in enumerate(value)]
+        return [expand_env(v, env, path=f"{path}.{i}" if path else str(i), missing=missing)
+                for i, v in enumerate(value)]
     if not isinstance(value, str):
         return value
 
@@ -192,13 +257,57 @@ def expand_env(value: Any, env: dict[str, str] | None = None, *, path: str = "")
             return env[name]
         if default is not None:
             return default
-        raise ConfigError(f"{path or '<root>'}: environment variable {name} is not set")
+        message = f"{path or '<root>'}: environment variable {name} is not set"
+        if missing is None:
+            raise ConfigError(message)
+        missing.append(message)
+        return ""
 
     return _VAR.sub(sub, value)
 
 
-def format_validation_error(err: ValidationError, prefix: str = "") -> str:
-    """Render pydantic errors as `path.to.key: message` lines (paths under `prefix`)."""
+def _model_at(root: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class validating the mapping at `loc` under `root`, if known."""
+    t: Any = root
+    for part in loc:
+        t = _unwrap(t)
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            field = t.model_fields.get(str(part))
+            if field is None:
+                return None
+            t = field.annotation
+        elif typing.get_origin(t) in (dict, list):
+            t = typing.get_args(t)[-1]
+        else:
+            return None
+    t = _unwrap(t)
+    return t if isinstance(t, type) and issubclass(t, BaseModel) else None
+
+
+def _unwrap(t: Any) -> Any:
+    if typing.get_origin(t) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        return args[0] if len(args) == 1 else t
+    return t
+
+
+def _hint(e: dict, root: type[BaseModel] | None) -> str:
+    """A did-you-mean for an unknown key or a near-miss of an allowed value."""
+    if e["type"] == "extra_forbidden" and e["loc"]:
+        parent = _model_at(root, tuple(e["loc"][:-1]))
+        return did_you_mean(e["loc"][-1], parent.model_fields) if parent else ""
+    if e["type"] == "literal_error":
+        allowed = re.findall(r"'([^']*)'", str((e.get("ctx") or {}).get("expected", "")))
+        return did_you_mean(e.get("input"), allowed)
+    return ""
+
+
+def format_validation_error(err: ValidationError, prefix: str = "", root: type[BaseModel] | None = None) -> str:
+    """Render pydantic errors as `path.to.key: message` lines (paths under `prefix`).
+
+    With `root` (the model class validated), an unknown key or a near-miss of
+    an allowed value gets a `(did you mean ...?)` hint.
+    """
     lines = []
     for e in err.errors():
         parts = [prefix, *(str(p) for p in e["loc"])]
@@ -208,8 +317,10 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
             msg = str(cause)  # drop pydantic's "Value error, " prefix
             if isinstance(cause, _PathError):
                 parts.append(cause.path)
+        elif e["type"] == "extra_forbidden":
+            msg = "unknown key"
         loc = ".".join(p for p in parts if p) or "<root>"
-        lines.append(f"{loc}: {msg}")
+        lines.append(f"{loc}: {msg}{_hint(e, root)}")
     return "\n".join(lines)
 
 
@@ -219,11 +330,26 @@ def parse_config(data: Any, env: dict[str, str] | None = None) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError("<root>: the config must be a mapping")
-    data = expand_env(data, env)
+    models = data.get("models")
+    optional = {n: m for n, m in models.items() if isinstance(m, dict) and m.get("required") is False} \
+        if isinstance(models, dict) else {}
+    # An optional model's unset ${VAR}s make that model unavailable, not the config invalid.
+    unavailable, expanded = {}, {}
+    for name, mdata in optional.items():
+        errors: list[str] = []
+        expanded[name] = expand_env(mdata, env, path=f"models.{name}", missing=errors)
+        if errors:
+            unavailable[name] = "; ".join(errors)
+    rest = {**data, "models": {n: m for n, m in models.items() if n not in optional}} if optional else data
+    data = expand_env(rest, env)
+    if optional:
+        data["models"] = {n: expanded.get(n, data["models"].get(n)) for n in models}
     try:
-        return Config.model_validate(data)
+        cfg = Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err)) from None
+        raise ConfigError(format_validation_error(err, root=Config)) from None
+    cfg._unavailable.update(unavailable)
+    return cfg
 
 
 def load_config(path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> Config:

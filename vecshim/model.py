@@ -12,14 +12,14 @@ from typing import Any, Sequence
 import numpy as np
 from pydantic import ValidationError
 
-from .backend import TASKS, Backend
+from .backend import TASKS, Backend, BackendOptions
 from .batching import Batcher
 from .config import ModelConfig, format_validation_error
 from .errors import (BackendError, BackendUnavailable, BadRequest, ConfigError, PayloadTooLarge, VecshimError,
                      brief)
 from . import space
 
-__all__ = ["Model", "build_backend"]
+__all__ = ["Model", "build_backend", "UnavailableBackend"]
 
 log = logging.getLogger("vecshim.model")
 
@@ -33,15 +33,28 @@ def build_backend(name: str, cfg: ModelConfig, cls: type[Backend]) -> Backend:
     try:
         options = cls.Options.model_validate(cfg.options)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, prefix=f"models.{name}.options")) from None
+        raise ConfigError(format_validation_error(err, prefix=f"models.{name}.options", root=cls.Options)) from None
     return cls(options)
+
+
+class UnavailableBackend(Backend):
+    """Stands in for a `required: false` model's backend that could not be built."""
+
+    name = "unavailable"
+
+    def __init__(self, backend_name: str):
+        super().__init__(BackendOptions())
+        self.name = backend_name
+
+    def embed(self, texts, task):
+        raise BackendUnavailable(f"backend {self.name!r} is unavailable")
 
 
 class Model:
     """One named model as served: `embed()` is the only way texts reach a backend."""
 
     def __init__(self, name: str, cfg: ModelConfig, backend: Backend, *, cache=None, stats=None,
-                 origin: dict | None = None):
+                 origin: dict | None = None, fleet=None):
         self.name = name
         self.cfg = cfg
         self.backend = backend
@@ -58,6 +71,11 @@ class Model:
         #: Fallbacks removed at start because their vector space differs: [{"name", "reason"}].
         self.dropped_fallbacks: list[dict[str, str]] = []
         self.resilience = None
+        #: The app's rate budgets (`vecshim.budget.Fleet`); hosted backends take theirs from it.
+        self.fleet = fleet
+        self.budget = None
+        #: Called when `info()` changes after loading (a rate limit learned, Redis lost).
+        self.on_change = None
         self._ready = threading.Event()
         self._fingerprint: str | None = None
         #: Called once loaded, just before `ready` turns true.
@@ -118,6 +136,7 @@ class Model:
             "backend": b.name,
             "state": self.state,
             **({"error": self.error} if self.error else {}),
+            "required": self.cfg.required,
             "model": b.info(),
             "dimension": self.dimension,
             "normalized": self.normalized,
@@ -131,6 +150,7 @@ class Model:
             "batch": {"max_size": self.cfg.batch.max_size, "max_wait_ms": self.cfg.batch.max_wait_ms},
             "fingerprint": self.fingerprint,
             "fallbacks": [f for f in self.cfg.fallbacks if f not in {d["name"] for d in self.dropped_fallbacks}],
+            **({"rate_budget": self.budget.info()} if self.budget is not None else {}),
             **({"fallbacks_dropped": list(self.dropped_fallbacks)} if self.dropped_fallbacks else {}),
         }
 
@@ -150,12 +170,20 @@ class Model:
         space.require_identity(self.name, self.backend)
         from .resilience import Resilience  # the core wraps every backend call
 
+        self._attach_budget()
+        hosted = self.budget is not None
         self.resilience = Resilience(self.cfg.retry, self.cfg.circuit,
-                                     self.cfg.max_concurrency, self.name,
-                                     on_event=self.stats.upstream_event(self.name) if self.stats else None)
+                                     self.cfg.max_concurrency or (workers if hosted else None), self.name,
+                                     on_event=self.stats.upstream_event(self.name) if self.stats else None,
+                                     budget=self.budget,
+                                     on_window=self.stats.window_observer(self.name) if self.stats and hosted
+                                     else None)
+        max_size = self.cfg.batch.max_size
+        if hosted and "max_size" not in self.cfg.batch.model_fields_set:
+            max_size = self.backend.max_batch_size or max_size  # the provider's per-call limit
         if self.batcher is None:
             self.batcher = Batcher(
-                self.name, self._embed_batch, max_size=self.cfg.batch.max_size,
+                self.name, self._embed_batch, max_size=max_size, gate=self.resilience if hosted else None,
                 max_wait_ms=self.cfg.batch.max_wait_ms, workers=workers,
                 max_queue=self.cfg.batch.max_queue, backend_max_size=self.backend.max_batch_size,
                 max_batch_tokens=self.backend.max_batch_tokens, cost=self.backend.batch_cost,
@@ -179,7 +207,7 @@ class Model:
                  "Matryoshka-trained" if self.matryoshka else
                  ("not Matryoshka-trained: dimensions below it are truncated and renormalised"
                   if self.cfg.dimensions == "truncate" else "not Matryoshka-trained: dimensions: strict"),
-                 self.load_seconds)
+                 self.load_seconds, extra={"model": self.name})
 
     def _learn_dimension(self) -> int:
         """The declared dimension, checked; else the one length every check text gets."""
@@ -198,6 +226,19 @@ class Model:
             raise BackendError(problem)
         return next(iter(lengths.values()))
 
+    def _attach_budget(self) -> None:
+        """Give a hosted backend (one with `rate_account()`) its account's fleet budget."""
+        account = getattr(self.backend, "rate_account", None)
+        if account is None or self.fleet is None or self.budget is not None:
+            return
+        self.budget = self.fleet.budget(*account())
+        self.budget.configure(self.cfg.rate_limit)
+        self.budget.subscribe(self._changed)
+
+    def _changed(self) -> None:
+        if self.ready and self.on_change is not None:
+            self.on_change()
+
     def close(self, timeout: float = 30.0) -> None:
         """Finish queued work and release the backend."""
         if self.batcher:
@@ -214,7 +255,14 @@ class Model:
         task = key or "passage"
         extra = {"pooling": pooling} if pooling is not None else {}
         try:
-            raw = self.resilience.call(self.backend.embed, texts, task, **extra)
+            if self.budget is not None:
+                fn = getattr(self.backend, "embed_reply", self.backend.embed)
+                tokens = sum(self.backend.count_tokens(texts))
+                if self.stats:
+                    self.stats.upstream_texts.labels(self.name).observe(len(texts))
+                raw = self.resilience.call(fn, texts, task, tokens=tokens, **extra)
+            else:
+                raw = self.resilience.call(self.backend.embed, texts, task, **extra)
         except VecshimError:
             raise
         except Exception as err:
@@ -320,7 +368,8 @@ class Model:
                 # check here too, so a different vector space is never served.
                 if not fb.ready or fb.fingerprint != self.fingerprint:
                     continue
-                log.warning("model %r failed (%s); using fallback %r", self.name, err.message, fb.name)
+                log.warning("model %r failed (%s); using fallback %r", self.name, err.message, fb.name,
+                            extra={"model": self.name})
                 try:
                     return fb._run_here(texts, task, pooling)
                 except BackendError:

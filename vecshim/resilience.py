@@ -3,19 +3,22 @@
 The core wraps every `Backend.embed()` call of a model in `Resilience.call()`.
 Backends only say what went wrong (an `UpstreamError` with `retryable` and
 `retry_after`); this module decides when to try again and when to stop.
+For a hosted API it also paces calls with the account's fleet budget
+(`vecshim.budget`) and an AIMD window of concurrent calls (`vecshim.ratelimit`),
+and tells the batcher (`delay()`) when a new call would have to wait.
 """
 from __future__ import annotations
 
-import email.utils
 import math
 import random
 import threading
 import time
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import BackendUnavailable, UpstreamError
+from .ratelimit import Reply, UpstreamInfo, Window, parse_retry_after
 
 __all__ = ["RetryPolicy", "CircuitPolicy", "Resilience", "parse_retry_after"]
 
@@ -26,12 +29,13 @@ class RetryPolicy(BaseModel):
     """How often and how long to retry a retryable upstream failure.
 
     `budget_s` bounds the whole call, sleeps included. Keep it below the
-    caller's own timeout (Weaviate gives a module 50 s by default).
+    caller's own timeout (Weaviate gives a module 50 s by default). Attempts
+    go on until the budget runs out unless `max_attempts` caps them.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    max_attempts: int = Field(5, ge=1)
+    max_attempts: int | None = Field(None, ge=1)
     budget_s: float = Field(40.0, gt=0)
     base_delay_s: float = Field(0.2, ge=0)
     max_delay_s: float = Field(8.0, ge=0)
@@ -51,34 +55,6 @@ class CircuitPolicy(BaseModel):
     reset_s: float = Field(10.0, gt=0)
 
 
-def parse_retry_after(headers: Mapping[str, str] | None) -> float | None:
-    """Return the wait in seconds that `headers` ask for, or None.
-
-    Reads `retry-after-ms` (sent by OpenAI) before `Retry-After`, which may be
-    seconds or an HTTP date. `headers` must look names up case-insensitively
-    or use lower-case names.
-    """
-    if not headers:
-        return None
-    get = headers.get
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = get(name) or get(name.title())
-        if not value:
-            continue
-        try:
-            seconds = float(value) * scale
-        except ValueError:
-            if scale != 1.0:
-                continue
-            try:
-                seconds = email.utils.parsedate_to_datetime(value).timestamp() - time.time()
-            except (TypeError, ValueError):
-                continue
-        if math.isfinite(seconds):
-            return max(0.0, seconds)
-    return None
-
-
 class Resilience:
     """Run calls to one upstream with a concurrency cap, retries and a circuit breaker.
 
@@ -91,20 +67,30 @@ class Resilience:
     "retry" (a failed attempt will be retried), "429" (the upstream said
     429), "failure" (`call()` raises) and "circuit_open" (the circuit opens);
     it must not raise. Instances are thread-safe.
+
+    With a `budget` (hosted backends) the cap is an AIMD `Window` starting at
+    `max_concurrency`, each attempt first reserves the budget, and a call may
+    return a `Reply` whose upstream facts the budget learns from.
     """
 
     def __init__(self, retry: RetryPolicy, circuit: CircuitPolicy, max_concurrency: int | None,
-                 name: str, on_event: Callable[[str], None] | None = None):
+                 name: str, on_event: Callable[[str], None] | None = None, *,
+                 budget=None, on_window: Callable[[float, int], None] | None = None):
         self.retry = retry
         self.circuit = circuit
         self.name = name
         self.max_concurrency = max_concurrency
+        self.budget = budget
         self._on_event = on_event or (lambda kind: None)
-        self._slots = threading.BoundedSemaphore(max_concurrency) if max_concurrency else None
+        self._on_window = on_window
+        self.window = Window(max_concurrency or 1, max_concurrency or 1) if budget is not None else None
+        self._slots = (threading.BoundedSemaphore(max_concurrency)
+                       if max_concurrency and self.window is None else None)
         self._lock = threading.Lock()
         self._failures = 0
         self._opened_at: float | None = None  # None: closed
         self._probing = False
+        self._listeners: list[Callable[[], None]] = []
 
     @property
     def state(self) -> str:
@@ -114,15 +100,37 @@ class Resilience:
                 return "closed"
             return "open" if time.monotonic() < self._opened_at + self.circuit.reset_s else "half-open"
 
-    def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Return `fn(*args, **kwargs)`, retrying retryable upstream failures within the budget."""
+    def delay(self) -> float:
+        """Seconds until another call could start (0: now; inf: when a call in flight ends).
+
+        The batcher asks before taking a batch, so texts pile up into one
+        larger call while the upstream has no room.
+        """
+        if self.window is not None and not self.window.free:
+            return math.inf
+        if self.budget is None or self.state != "closed":
+            return 0.0  # an open circuit fails fast; let it
         try:
-            return self._call(fn, args, kwargs)
+            return self.budget.peek()
+        except Exception:  # a broken store must not stop the batcher; call() reports it
+            return 0.0
+
+    def subscribe(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` when a call ends (room may have opened)."""
+        self._listeners.append(listener)
+
+    def call(self, fn: Callable[..., T], *args: Any, tokens: int = 0, **kwargs: Any) -> T:
+        """Return `fn(*args, **kwargs)`, retrying retryable upstream failures within the budget.
+
+        `tokens`: the call's estimated tokens, reserved from the rate budget.
+        """
+        try:
+            return self._call(fn, args, kwargs, tokens)
         except Exception:
             self._on_event("failure")
             raise
 
-    def _call(self, fn, args, kwargs):
+    def _call(self, fn, args, kwargs, tokens):
         start = time.monotonic()
         deadline = start + self.retry.budget_s
         attempt = 0
@@ -131,15 +139,19 @@ class Resilience:
             self._admit()
             began = time.monotonic()
             try:
-                result = self._attempt(fn, args, kwargs, deadline)
+                result = self._attempt(fn, args, kwargs, deadline, tokens)
             except UpstreamError as err:
                 self._record(err)
                 if not err.retryable:
                     raise
                 now = time.monotonic()
                 delay = self._delay(attempt, err.retry_after)
+                if err.upstream_status == 429 and self.budget is not None:
+                    # Everyone on this account waits, not just this call.
+                    self.budget.pause(err.retry_after if err.retry_after is not None else delay)
                 # A next attempt as slow as this one (a timeout, say) must still fit the budget.
-                if attempt >= self.retry.max_attempts or now + delay + (now - began) > deadline:
+                capped = self.retry.max_attempts is not None and attempt >= self.retry.max_attempts
+                if capped or now + delay + (now - began) > deadline:
                     raise self._give_up(err, attempt, now - start, delay) from err
                 self._on_event("retry")
                 time.sleep(delay)
@@ -150,7 +162,9 @@ class Resilience:
             self._record(None)
             return result
 
-    def _attempt(self, fn, args, kwargs, deadline):
+    def _attempt(self, fn, args, kwargs, deadline, tokens):
+        if self.window is not None:
+            return self._paced_attempt(fn, args, kwargs, deadline, tokens)
         if self._slots is None:
             self._on_event("call")
             return fn(*args, **kwargs)
@@ -165,20 +179,69 @@ class Resilience:
         finally:
             self._slots.release()
 
+    def _paced_attempt(self, fn, args, kwargs, deadline, tokens):
+        """One attempt within the window and the budget; learn from what the upstream says."""
+        if not self.window.acquire(max(0.0, deadline - time.monotonic())):
+            raise BackendUnavailable(f"{self.name}: no upstream call slot freed up within the "
+                                     f"{self.retry.budget_s:g} s budget")
+        outcome, began = "error", time.monotonic()
+        try:
+            self._reserve(tokens, deadline)
+            began = time.monotonic()
+            self._on_event("call")
+            try:
+                result = fn(*args, **kwargs)
+            except UpstreamError as err:
+                outcome = "429" if err.upstream_status == 429 else "error"
+                self._learn(getattr(err, "info", None), tokens, False)
+                raise
+            outcome = "ok"
+            if isinstance(result, Reply):
+                result, info = result.vectors, result.info
+            else:
+                info = None
+            self._learn(info, tokens, True)
+            return result
+        finally:
+            self.window.release(outcome, time.monotonic() - began)
+            if self._on_window:
+                self._on_window(self.window.limit, self.window.in_flight)
+            for listener in list(self._listeners):
+                listener()
+
+    def _reserve(self, tokens: int, deadline: float) -> None:
+        """Wait until the budget lets this call go, or raise if that is past the deadline."""
+        while True:
+            wait = self.budget.reserve(tokens)
+            if wait <= 0:
+                return
+            if time.monotonic() + wait > deadline:
+                retry_in = max(1, math.ceil(wait))
+                raise BackendUnavailable(
+                    f"{self.name}: the upstream's rate budget has no room for {wait:.1f} s, beyond "
+                    f"the {self.retry.budget_s:g} s retry budget", headers={"Retry-After": str(retry_in)})
+            time.sleep(wait)
+
+    def _learn(self, info: UpstreamInfo | None, tokens: int, ok: bool) -> None:
+        if info is not None:
+            self.budget.learn(info)
+        if ok:  # the upstream's own count when it gave one
+            used = info.tokens_used if info is not None and info.tokens_used is not None else tokens
+            self.budget.settle(tokens, used)
+
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         cap = min(self.retry.max_delay_s, self.retry.base_delay_s * 2 ** (attempt - 1))
         return max(random.uniform(0, cap), retry_after or 0.0)
 
     def _give_up(self, err: UpstreamError, attempt: int, elapsed: float, delay: float) -> UpstreamError:
         message = f"{err.message} after {attempt} attempt{'s' if attempt > 1 else ''} in {elapsed:.1f} s"
-        if attempt < self.retry.max_attempts:
+        if self.retry.max_attempts is None or attempt < self.retry.max_attempts:
             message += f" (another attempt after {delay:.1f} s would not fit the {self.retry.budget_s:g} s budget)"
         final = UpstreamError(message, upstream_status=err.upstream_status,
                               retry_after=err.retry_after, retryable=True)
         if err.retry_after is not None:
             final.headers = {"Retry-After": str(max(1, math.ceil(err.retry_after)))}
         return final
-
     def _admit(self) -> None:
         """Let an attempt through, or fail fast while the circuit is open or probing."""
         with self._lock:

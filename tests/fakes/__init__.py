@@ -10,7 +10,12 @@ records every request, checks the bearer key, and misbehaves on demand::
         client = OpenAI(base_url=fake.url + "/v1", api_key=fake.api_key)
 
 `rate_limit=20, latency_s=0.05` makes it answer 429 (with Retry-After) beyond
-20 accepted calls in any 1 s window, each answer taking 50 ms.
+20 accepted calls in any 1 s window, each answer taking 50 ms;
+`tokens_per_minute=N` answers 429 once the tokens (words) of accepted calls
+in the last 60 s would pass N. Every answer then carries the provider's
+rate-limit headers (`limit_headers()`), announcing `rate_limit` as
+`60 * rate_limit` requests per minute, as a provider that enforces a per-minute
+limit per second does. `retry_after="0.2"` fixes the 429s' Retry-After.
 """
 from __future__ import annotations
 
@@ -114,11 +119,19 @@ class FakeUpstream:
     retry_after_ms_header = False
 
     def __init__(self, *, dim: int = 8, api_key: str = "test-key", latency_s: float = 0.0,
-                 rate_limit: float | None = None):
+                 rate_limit: float | None = None, tokens_per_minute: int | None = None,
+                 retry_after: str | None = None, send_limits: bool = True):
         self.dim = dim
         self.api_key = api_key
         self.latency_s = latency_s
         self.rate_limit = rate_limit
+        self.tokens_per_minute = tokens_per_minute
+        self.retry_after = retry_after
+        self.send_limits = send_limits
+        #: Calls answered 429 by the rate or token limit, and tokens accepted.
+        self.limited = 0
+        self.tokens_accepted = 0
+        self._token_log: collections.deque[tuple[float, int]] = collections.deque()
         self.in_flight = 0
         self.max_in_flight = 0
         self._faults: collections.deque[Fault] = collections.deque()
@@ -175,6 +188,8 @@ class FakeUpstream:
             self._always = None
             self._requests.clear()
             self._accepted.clear()
+            self._token_log.clear()
+            self.limited = self.tokens_accepted = 0
             self.max_in_flight = self.in_flight
 
     @property
@@ -205,23 +220,68 @@ class FakeUpstream:
         """Return (status, payload) for a request; `mutate` spoils the vectors on demand."""
         raise NotImplementedError
 
+    def request_tokens(self, request: Recorded) -> int:
+        """Tokens a request costs (its texts' words, as the fakes' usage counts them)."""
+        return 0
+
+    def limit_headers(self, limits: dict[str, Any]) -> dict[str, str]:
+        """The provider's rate-limit headers for `limits` (requests/tokens limit, remaining, reset_s)."""
+        return {}
+
     # -- request handling (runs in the server's threads) ------------------
     def _next_fault(self) -> Fault | None:
         with self._lock:
             return self._faults.popleft() if self._faults else self._always
 
-    def _rate_limited(self) -> float | None:
+    def _rate_limited(self, tokens: int = 0) -> float | None:
         """Count an accepted call, or return the seconds until one would be accepted."""
-        if not self.rate_limit:
-            return None
         with self._lock:
             now = time.monotonic()
             while self._accepted and self._accepted[0] <= now - 1.0:
                 self._accepted.popleft()
-            if len(self._accepted) >= self.rate_limit:
-                return self._accepted[0] + 1.0 - now
-            self._accepted.append(now)
+            while self._token_log and self._token_log[0][0] <= now - 60.0:
+                self._token_log.popleft()
+            waits = []
+            if self.rate_limit and len(self._accepted) >= self.rate_limit:
+                waits.append(self._accepted[0] + 1.0 - now)
+            if self.tokens_per_minute:
+                used = sum(n for _, n in self._token_log)
+                if used and used + tokens > self.tokens_per_minute:
+                    # The oldest calls must expire until this one fits.
+                    free, wait = self.tokens_per_minute - used, 0.0
+                    for at, n in self._token_log:
+                        free += n
+                        wait = at + 60.0 - now
+                        if free >= tokens:
+                            break
+                    waits.append(wait)
+            if waits:
+                self.limited += 1
+                return max(waits)
+            if self.rate_limit:
+                self._accepted.append(now)
+            if self.tokens_per_minute:
+                self._token_log.append((now, tokens))
+            self.tokens_accepted += tokens
             return None
+
+    def _limits(self) -> dict[str, str]:
+        """The rate-limit headers for the current windows (none when no limit is set)."""
+        if not self.send_limits or not (self.rate_limit or self.tokens_per_minute):
+            return {}
+        with self._lock:
+            now = time.monotonic()
+            limits: dict[str, Any] = {}
+            if self.rate_limit:
+                in_window = [t for t in self._accepted if t > now - 1.0]
+                limits["requests"] = (int(self.rate_limit * 60), int(max(0, self.rate_limit - len(in_window)) * 60),
+                                      in_window[0] + 1.0 - now if in_window else 0.0)
+            if self.tokens_per_minute:
+                used = sum(n for t, n in self._token_log if t > now - 60.0)
+                oldest = next((t for t, _ in self._token_log if t > now - 60.0), None)
+                limits["tokens"] = (self.tokens_per_minute, max(0, self.tokens_per_minute - used),
+                                    oldest + 60.0 - now if oldest is not None else 0.0)
+        return self.limit_headers(limits)
 
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
         length = int(handler.headers.get("Content-Length") or 0)
@@ -249,13 +309,13 @@ class FakeUpstream:
             time.sleep(self.latency_s)
         if self.credentials(request) != self.api_key:
             return _send(handler, 401, self.error_body(401, self._auth_message(request)))
-        wait = self._rate_limited()
+        wait = self._rate_limited(self.request_tokens(request))
         if wait is not None:
-            headers = {"Retry-After": str(max(1, math.ceil(wait)))}
-            if self.retry_after_ms_header:
+            headers = {"Retry-After": self.retry_after or str(max(1, math.ceil(wait)))}
+            if self.retry_after_ms_header and self.retry_after is None:
                 headers["retry-after-ms"] = str(max(1, round(wait * 1000)))
             return _send(handler, 429, self.error_body(429, "Rate limit reached", "rate_limit_exceeded"),
-                         headers)
+                         {**self._limits(), **headers})
         fault = self._next_fault()
         kind = fault.kind if fault else None
         if kind == "status":
@@ -270,7 +330,7 @@ class FakeUpstream:
             return _send(handler, 200, None, raw=b'{"object": "list", "data": [{"embedding": [0.1,')
         mutate = _MUTATIONS.get(kind, lambda vectors: vectors)
         code, payload = self.answer(request, mutate)
-        _send(handler, code, payload)
+        _send(handler, code, payload, self._limits())
 
     def _auth_message(self, request: Recorded) -> str:
         # Echo the whole presented key, worse than real providers, so leak tests bite.
@@ -300,6 +360,14 @@ def _make_handler(fake: FakeUpstream) -> type[BaseHTTPRequestHandler]:
             """Keep test output clean."""
 
     return Handler
+
+
+def format_duration(seconds: float) -> str:
+    """OpenAI's reset format: `17ms`, `1s`, `6m0s`."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}m{rest:.0f}s" if minutes else f"{rest:.3g}s"
 
 
 def _send(handler: BaseHTTPRequestHandler, code: int, payload: Any,

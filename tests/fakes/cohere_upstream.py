@@ -22,6 +22,18 @@ class FakeCohere(FakeUpstream):
             message = f"invalid api token ({message})"
         return {"id": str(uuid.uuid4()), "message": message}
 
+    def request_tokens(self, request: Recorded) -> int:
+        """Words of `texts`."""
+        texts = request.body.get("texts") if isinstance(request.body, dict) else None
+        return sum(len(t.split()) for t in texts if isinstance(t, str)) if isinstance(texts, list) else 0
+
+    def limit_headers(self, limits: dict[str, Any]) -> dict[str, str]:
+        """Trial keys' per-minute call limit (`x-trial-endpoint-call-limit/-remaining`)."""
+        if "requests" not in limits:
+            return {}
+        limit, remaining, _ = limits["requests"]
+        return {"x-trial-endpoint-call-limit": str(limit), "x-trial-endpoint-call-remaining": str(remaining)}
+
     def answer(self, request: Recorded, mutate: Callable) -> tuple[int, Any]:
         """Embed `texts` as Cohere does, answering `float`, `int8` or `uint8` embeddings."""
         if request.method != "POST" or request.path.rstrip("/") != "/v2/embed":

@@ -5,7 +5,7 @@ import base64
 import struct
 from typing import Any, Callable
 
-from . import FakeUpstream, Recorded
+from . import FakeUpstream, Recorded, format_duration
 
 __all__ = ["FakeOpenAI"]
 
@@ -38,6 +38,21 @@ class FakeOpenAI(FakeUpstream):
             message += ". You can find your API key at https://platform.openai.com/account/api-keys."
         return {"error": {"message": message, "type": _ERROR_TYPES.get(status, "server_error"),
                           "param": None, "code": code}}
+
+    def request_tokens(self, request: Recorded) -> int:
+        """Words of `input`."""
+        texts = request.body.get("input") if isinstance(request.body, dict) else None
+        texts = [texts] if isinstance(texts, str) else texts
+        return sum(len(t.split()) for t in texts if isinstance(t, str)) if isinstance(texts, list) else 0
+
+    def limit_headers(self, limits: dict[str, Any]) -> dict[str, str]:
+        """`x-ratelimit-{limit,remaining,reset}-{requests,tokens}`."""
+        out = {}
+        for kind, (limit, remaining, reset) in limits.items():
+            out[f"x-ratelimit-limit-{kind}"] = str(limit)
+            out[f"x-ratelimit-remaining-{kind}"] = str(remaining)
+            out[f"x-ratelimit-reset-{kind}"] = format_duration(reset)
+        return out
 
     def answer(self, request: Recorded, mutate: Callable) -> tuple[int, Any]:
         """Embed `input` the way OpenAI does, in `float` or `base64` encoding."""

@@ -41,6 +41,19 @@ def resolve_api_key(api_key: SecretStr | None, api_key_file: Path | None,
     return None
 
 
+def key_problems(api_key: SecretStr | None, api_key_file: Path | None, env_names: Sequence[str],
+                 backend: str, key_optional: bool) -> list[tuple[str, str]]:
+    """Backend.preflight for a hosted API: the key resolves (option, file or env) and is not empty."""
+    try:
+        key = resolve_api_key(api_key, api_key_file, env_names, backend)
+    except ConfigError as err:
+        return [("api_key_file", err.message)]
+    if key is None and not key_optional:
+        return [("api_key", f"no API key: set options.api_key, options.api_key_file or "
+                        f"{' or '.join(env_names)} (none is set or all are empty)")]
+    return []
+
+
 def endpoint_host(url: Any) -> str | None:
     """Return the host[:port] of `url`, without credentials, path or query."""
     if url is None:

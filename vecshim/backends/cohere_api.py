@@ -15,8 +15,9 @@ from pydantic import Field, SecretStr, model_validator
 from ..backend import Backend, BackendOptions, Task
 from ..errors import BackendError, ConfigError, UpstreamError
 from ..hookspecs import hookimpl
-from ..resilience import parse_retry_after
-from ._hosted import check_vectors, endpoint_host, redact, resolve_api_key
+from ..budget import account_id
+from ..ratelimit import Reply, read_cohere_headers
+from ._hosted import check_vectors, endpoint_host, key_problems, redact, resolve_api_key
 
 __all__ = ["CohereBackend", "CohereOptions"]
 
@@ -75,6 +76,12 @@ class CohereBackend(Backend):
         self._errors: tuple[type[Exception], ...] = ()
         self._httpx: Any = None
 
+    def preflight(self) -> list[tuple[str, str]]:
+        """A key must come from the options, the key file or the environment (unless base_url is set)."""
+        opts = self.options
+        env = ("CO_API_KEY", "COHERE_API_KEY")
+        return key_problems(opts.api_key, opts.api_key_file, env, self.name, key_optional=bool(opts.base_url))
+
     def load(self) -> None:
         """Import the SDK and build the client (no network call)."""
         try:
@@ -110,8 +117,17 @@ class CohereBackend(Backend):
         return {"model": self.options.model, "input_types": dict(self.input_types),
                 "dimensions": self.options.output_dimension, "truncate": self.options.truncate}
 
+    def rate_account(self) -> tuple[str, str]:
+        """(account id, host) for the fleet rate budget: endpoint and key hashed, never the key."""
+        return (account_id(self.options.base_url or DEFAULT_HOST, self._key),
+                endpoint_host(self.options.base_url) or DEFAULT_HOST)
+
     def embed(self, texts: list[str], task: Task) -> list[list[float]]:
         """Embed `texts` with one API call, as queries or as documents."""
+        return self.embed_reply(texts, task).vectors
+
+    def embed_reply(self, texts: list[str], task: Task) -> Reply:
+        """`embed()`, plus the rate limits and token usage the upstream reported."""
         if self._client is None:
             raise BackendError("backend 'cohere' is not loaded")
         params: dict[str, Any] = {"model": self.options.model, "texts": texts,
@@ -121,7 +137,9 @@ class CohereBackend(Backend):
             params["output_dimension"] = self.options.output_dimension
         error: BackendError | None = None
         try:
-            reply = self._client.embed(**params)
+            raw = self._client.with_raw_response.embed(**params)
+            info = read_cohere_headers(raw.headers)
+            reply = raw.data
         except self._errors as exc:
             error = self._map_error(exc)
         if error is not None:
@@ -131,7 +149,9 @@ class CohereBackend(Backend):
         vectors = getattr(embeddings, "float_", None)
         if not isinstance(vectors, list):
             raise BackendError("cohere upstream returned a reply without float embeddings")
-        return check_vectors(vectors, len(texts), self.options.output_dimension, self.name)
+        billed = getattr(getattr(getattr(reply, "meta", None), "billed_units", None), "input_tokens", None)
+        info.tokens_used = int(billed) if isinstance(billed, (int, float)) and billed >= 0 else None
+        return Reply(check_vectors(vectors, len(texts), self.options.output_dimension, self.name), info)
 
     def close(self) -> None:
         """Close the HTTP client."""
@@ -159,9 +179,12 @@ class CohereBackend(Backend):
             detail = "rate limited"
         else:
             detail = redact(_error_message(getattr(exc, "body", None)), self._key)
-        return UpstreamError(f"cohere upstream returned {status} ({detail})",
-                             upstream_status=status, retryable=retryable,
-                             retry_after=parse_retry_after(getattr(exc, "headers", None)))
+        info = read_cohere_headers(getattr(exc, "headers", None))
+        error = UpstreamError(f"cohere upstream returned {status} ({detail})",
+                              upstream_status=status, retryable=retryable,
+                              retry_after=info.retry_after_s)
+        error.info = info
+        return error
 
 
 def _error_message(body: Any) -> str:

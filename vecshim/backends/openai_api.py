@@ -15,8 +15,9 @@ from pydantic import Field, SecretStr, model_validator
 from ..backend import Backend, BackendOptions, Task
 from ..errors import BackendError, ConfigError, UpstreamError
 from ..hookspecs import hookimpl
-from ..resilience import parse_retry_after
-from ._hosted import check_vectors, endpoint_host, redact, resolve_api_key
+from ..budget import account_id
+from ..ratelimit import Reply, read_openai_headers
+from ._hosted import check_vectors, endpoint_host, key_problems, redact, resolve_api_key
 
 __all__ = ["OpenAIBackend", "OpenAIOptions"]
 
@@ -80,6 +81,12 @@ class OpenAIBackend(Backend):
         self._openai: Any = None
         self._key: str | None = None
 
+    def preflight(self) -> list[tuple[str, str]]:
+        """A key must come from the options, the key file or the environment (unless base_url is set)."""
+        opts = self.options
+        env = ("AZURE_OPENAI_API_KEY", "OPENAI_API_KEY") if opts.azure_endpoint else ("OPENAI_API_KEY",)
+        return key_problems(opts.api_key, opts.api_key_file, env, self.name, key_optional=bool(opts.base_url))
+
     def load(self) -> None:
         """Import the SDK and build the client (no network call)."""
         try:
@@ -119,8 +126,20 @@ class OpenAIBackend(Backend):
         """Return the model and dimensions: the same model elsewhere is the same space."""
         return {"model": self.options.model, "dimensions": self.options.dimensions}
 
+    def rate_account(self) -> tuple[str, str]:
+        """(account id, host) for the fleet rate budget: endpoint and key hashed, never the key."""
+        opts = self.options
+        endpoint = str(self._client.base_url) if self._client else str(opts.azure_endpoint or opts.base_url)
+        if opts.azure_endpoint:  # Azure limits each deployment on its own
+            endpoint += f"#{opts.azure_deployment or opts.model}"
+        return account_id(endpoint, self._key), self.info()["host"]
+
     def embed(self, texts: list[str], task: Task) -> list[list[float]]:
         """Embed `texts` with one API call; `task` is ignored."""
+        return self.embed_reply(texts, task).vectors
+
+    def embed_reply(self, texts: list[str], task: Task) -> Reply:
+        """`embed()`, plus the rate limits and token usage the upstream reported."""
         if self._client is None:
             raise BackendError("backend 'openai' is not loaded")
         params: dict[str, Any] = {"input": texts, "model": self.options.model,
@@ -129,7 +148,9 @@ class OpenAIBackend(Backend):
             params["dimensions"] = self.options.dimensions
         error: BackendError | None = None
         try:
-            reply = self._client.embeddings.create(**params)
+            raw = self._client.embeddings.with_raw_response.create(**params)
+            info = read_openai_headers(raw.headers)
+            reply = raw.parse()
         except self._openai.APIError as exc:
             error = self._map_error(exc)
         except ValueError:  # json.loads on a 2xx body that is not JSON
@@ -147,7 +168,9 @@ class OpenAIBackend(Backend):
         if [item.index for item in data] != list(range(len(data))):
             raise BackendError("openai upstream returned duplicate or missing indexes")
         vectors = [getattr(item, "embedding", None) for item in data]
-        return check_vectors(vectors, len(texts), self.options.dimensions, self.name)
+        usage = getattr(getattr(reply, "usage", None), "total_tokens", None)
+        info.tokens_used = usage if isinstance(usage, int) and usage >= 0 else None
+        return Reply(check_vectors(vectors, len(texts), self.options.dimensions, self.name), info)
 
     def close(self) -> None:
         """Close the HTTP client."""
@@ -177,9 +200,12 @@ class OpenAIBackend(Backend):
             detail = "rate limited"
         else:
             detail = redact(_error_message(exc.body), self._key)
-        return UpstreamError(f"openai upstream returned {status} ({detail})",
-                             upstream_status=status, retryable=retryable,
-                             retry_after=parse_retry_after(exc.response.headers))
+        info = read_openai_headers(exc.response.headers)
+        error = UpstreamError(f"openai upstream returned {status} ({detail})",
+                              upstream_status=status, retryable=retryable,
+                              retry_after=info.retry_after_s)
+        error.info = info
+        return error
 
 
 def _error_code(body: Any) -> str | None:

@@ -1,0 +1,336 @@
+"""Rate limits, piece by piece: header parsing, the AIMD window, the budget's stores
+(memory, the replica's file, a real redis-server) and the batcher's coalescing gate."""
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+import time
+
+import pytest
+
+from redisserver import RedisServer
+from vecshim.batching import Batcher
+from vecshim.budget import REQUEST_BURST_S, Budget, BudgetConfig, FileStore, MemoryStore, RateLimit, RedisStore, \
+    account_id
+from vecshim.errors import UpstreamError
+from vecshim.metrics import Stats
+from vecshim.ratelimit import UpstreamInfo, Window, parse_duration, read_cohere_headers, read_openai_headers
+from vecshim.resilience import CircuitPolicy, Resilience, RetryPolicy
+
+
+@pytest.fixture(scope="module")
+def redis_server():
+    server = RedisServer().start()
+    yield server
+    server.stop()
+
+
+# -- what upstreams say -----------------------------------------------------
+
+@pytest.mark.parametrize("text, seconds", [("1s", 1.0), ("6m0s", 360.0), ("17ms", 0.017), ("1h2m3.5s", 3723.5),
+                                           ("0.25", 0.25), ("", None), ("soon", None), ("1x", None),
+                                           ("-3", None), ("nan", None)])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == (pytest.approx(seconds) if seconds is not None else None)
+
+
+def test_openai_headers_are_read_case_insensitively():
+    info = read_openai_headers({"X-RateLimit-Limit-Requests": "3000", "x-ratelimit-limit-tokens": "1000000",
+                                "x-ratelimit-remaining-requests": "0", "x-ratelimit-remaining-tokens": "999000",
+                                "x-ratelimit-reset-requests": "20ms", "x-ratelimit-reset-tokens": "6m0s",
+                                "retry-after-ms": "150"})
+    assert (info.requests_per_minute, info.tokens_per_minute) == (3000, 1_000_000)
+    assert (info.remaining_requests, info.remaining_tokens) == (0, 999_000)
+    assert info.reset_requests_s == pytest.approx(0.02) and info.reset_tokens_s == 360
+    assert info.retry_after_s == pytest.approx(0.15)
+    # No requests left: wait for their reset (or Retry-After, whichever is longer).
+    assert info.pause_s() == pytest.approx(0.15)
+    assert UpstreamInfo(remaining_requests=0, reset_requests_s=2.0).pause_s() == 2.0
+    assert UpstreamInfo(remaining_requests=5, reset_requests_s=2.0).pause_s() == 0.0
+
+
+def test_garbage_headers_are_ignored():
+    info = read_openai_headers({"x-ratelimit-limit-requests": "lots", "x-ratelimit-limit-tokens": "-5",
+                                "x-ratelimit-reset-requests": "whenever", "retry-after": "later"})
+    assert info == UpstreamInfo()
+    assert read_openai_headers(None) == UpstreamInfo()
+
+
+def test_cohere_trial_headers_and_retry_after():
+    info = read_cohere_headers({"x-trial-endpoint-call-limit": "40", "x-trial-endpoint-call-remaining": "39",
+                                "Retry-After": "2"})
+    assert (info.requests_per_minute, info.remaining_requests, info.retry_after_s) == (40, 39, 2.0)
+    assert read_cohere_headers({"x-endpoint-monthly-call-limit": "1000"}).requests_per_minute is None
+
+
+def test_account_id_separates_keys_and_hides_them():
+    a = account_id("https://api.openai.com/v1", "sk-one-0123456789")
+    assert a == account_id("https://api.openai.com/v1", "sk-one-0123456789")
+    assert a != account_id("https://api.openai.com/v1", "sk-two-0123456789")
+    assert a != account_id("https://other.example/v1", "sk-one-0123456789")
+    assert "sk-one" not in a and len(a) == 16
+
+
+# -- the AIMD window ----------------------------------------------------------
+
+def test_window_halves_on_429_once_per_burst_and_grows_back_additively():
+    w = Window(8, 8)
+    for _ in range(3):  # three 429s from calls that were in flight together
+        assert w.acquire(1)
+    for _ in range(3):
+        w.release("429", 0.5)
+    assert w.limit == 4.0
+    time.sleep(0.55)  # the next round trip: a new 429 counts again
+    assert w.acquire(1)
+    w.release("429", 0.05)
+    assert w.limit == 2.0
+    time.sleep(0.06)
+    for _ in range(2):  # a full window of successes adds one call
+        assert w.acquire(1)
+        w.release("ok", 0.05)
+    assert w.limit == pytest.approx(2 + 1 / 2 + 1 / 2.5)  # about one more call
+    for _ in range(100):
+        assert w.acquire(1)
+        w.release("ok", 0.05)
+    assert w.limit == 8.0  # never above the ceiling
+
+
+def test_window_never_below_one_and_cut_by_latency_growth():
+    w = Window(4, 4)
+    for _ in range(20):
+        assert w.acquire(1)
+        w.release("ok", 0.06)
+    assert w.acquire(1)
+    w.release("ok", 0.3)  # 5x the baseline: the upstream is queueing us
+    assert w.limit == pytest.approx(3.6)
+    time.sleep(0.31)
+    for _ in range(10):
+        time.sleep(0.06)
+        assert w.acquire(1)
+        w.release("429", 0.05)
+    assert w.limit == 1.0
+
+
+def test_window_blocks_beyond_its_limit():
+    w = Window(2, 2)
+    assert w.acquire(1) and w.acquire(1)
+    assert not w.free and not w.acquire(0.05)
+    w.release("error", 0.01)
+    assert w.free and w.acquire(0.05)
+
+
+# -- the budget's stores --------------------------------------------------------
+
+def _grants(run, seconds: float, rr: float) -> int:
+    """Reserve as fast as the store allows for `seconds`; return how many were granted."""
+    granted, stop = 0, time.monotonic() + seconds
+    while time.monotonic() < stop:
+        wait = run("acct", "reserve", rr, 0.0, 0)[0]
+        if wait <= 0:
+            granted += 1
+        else:
+            time.sleep(min(wait, max(0.0, stop - time.monotonic())))
+    return granted
+
+
+def _bound(rr: float, seconds: float) -> float:
+    """Most grants a schedule at `rr`/s with its burst allowance can give in `seconds`."""
+    return rr * (seconds + REQUEST_BURST_S) + 1
+
+
+@pytest.mark.parametrize("kind", ["memory", "file", "redis"])
+def test_every_store_paces_requests_at_the_rate(kind, tmp_path, redis_server):
+    store = {"memory": MemoryStore, "file": lambda: FileStore(str(tmp_path)),
+             "redis": lambda: RedisStore(redis_server.url, 1.0)}[kind]()
+    if kind == "redis":
+        store._redis.delete("vecshim:budget:{acct}")
+    rr, seconds = 20.0, 1.0
+    start = time.monotonic()
+    granted = _grants(store.run, seconds, rr)
+    assert 1 < granted <= _bound(rr, time.monotonic() - start)
+
+
+@pytest.mark.parametrize("kind", ["memory", "file", "redis"])
+def test_stores_agree_on_pause_settle_and_tokens(kind, tmp_path, redis_server):
+    store = {"memory": MemoryStore, "file": lambda: FileStore(str(tmp_path)),
+             "redis": lambda: RedisStore(redis_server.url, 1.0)}[kind]()
+    acct = f"agree-{kind}"
+    assert store.run(acct, "reserve", 0, 100.0, 50)[0] == 0  # 50 tokens at 100/s: 0.5 s ahead
+    wait, _, ahead_t = store.run(acct, "peek", 0, 100.0, 0)
+    assert wait == 0 and 0.3 < ahead_t <= 0.5
+    assert store.run(acct, "reserve", 0, 100.0, 200)[0] == 0  # still within the 1 s burst
+    assert store.run(acct, "peek", 0, 100.0, 0)[0] > 0.9  # 2.5 s ahead: wait about 1.5 s
+    store.run(acct, "settle", 0, 100.0, -200)  # the call used 200 tokens fewer than reserved
+    assert store.run(acct, "peek", 0, 100.0, 0)[0] == 0
+    store.run(acct, "pause", 0, 0, 0.6)
+    assert 0.3 < store.run(acct, "reserve", 0, 0, 0)[0] <= 0.6  # a pause holds even without limits
+
+
+def _hammer_file(folder: str, seconds: float, rr: float, out) -> None:
+    out.put(_grants(FileStore(folder).run, seconds, rr))
+
+
+def test_file_store_is_one_budget_for_the_replicas_processes(tmp_path):
+    ctx = multiprocessing.get_context("fork")
+    out = ctx.Queue()
+    rr, seconds = 20.0, 1.5
+    procs = [ctx.Process(target=_hammer_file, args=(str(tmp_path), seconds, rr, out)) for _ in range(3)]
+    start = time.monotonic()
+    for p in procs:
+        p.start()
+    counts = [out.get(timeout=30) for _ in procs]
+    for p in procs:
+        p.join(10)
+    assert all(c >= 1 for c in counts)
+    # Three processes together get what one would: the limit is not multiplied.
+    assert sum(counts) <= _bound(rr, time.monotonic() - start)
+
+
+def test_two_replicas_on_one_redis_share_one_budget(redis_server):
+    cfg = BudgetConfig(headroom=1.0)
+    replicas = [Budget("shared-acct", "up", cfg, redis_url=redis_server.url, local_dir=None) for _ in range(2)]
+    for b in replicas:
+        b.configure(RateLimit(requests_per_minute=1200))  # 20/s
+    replicas[0]._redis._redis.delete("vecshim:budget:{shared-acct}")
+    counts = [0, 0]
+
+    def run(i):
+        counts[i] = _grants(lambda *a: (replicas[i].reserve(0), 0, 0), 1.5, 20.0)
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    start = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert counts[0] >= 1 and counts[1] >= 1
+    assert sum(counts) <= _bound(20.0, time.monotonic() - start)
+    assert replicas[0].info()["store"] == "redis"
+
+
+def test_redis_killed_mid_run_falls_back_to_a_share_loudly_and_comes_back(monkeypatch, caplog):
+    import vecshim.budget as budget_mod
+
+    monkeypatch.setattr(budget_mod, "RETRY_REDIS_S", 0.2)
+    server = RedisServer().start()
+    stats = Stats()
+    changes = []
+    try:
+        b = Budget("killed-acct", "up.example", BudgetConfig(expected_replicas=4, headroom=1.0),
+                   redis_url=server.url, local_dir=None, stats=stats)
+        b.subscribe(lambda: changes.append(b.info()))
+        b.configure(RateLimit(requests_per_minute=2400))  # 40/s for the fleet
+        assert b.reserve(1) == 0 and b.info()["store"] == "redis"
+        server.kill()
+        with caplog.at_level(logging.ERROR, logger="vecshim.budget"):
+            start = time.monotonic()
+            granted = _grants(lambda *a: (b.reserve(0), 0, 0), 1.0, 10.0)
+        # Redis is gone: this replica takes 1/4 of 40/s, never the whole fleet's limit.
+        assert 1 <= granted <= _bound(10.0, time.monotonic() - start)
+        info = b.info()
+        assert info["store"] == "process" and "1/4" in info["fallback"]
+        assert any("Redis unreachable" in r.getMessage() and "1/4" in r.getMessage() for r in caplog.records)
+        assert stats.registry.get_sample_value("vecshim_budget_fallback", {"upstream": "up.example"}) == 1
+        assert changes and "fallback" in changes[-1]
+        server.start()  # same port
+        deadline = time.monotonic() + 10
+        while b.info()["store"] != "redis" and time.monotonic() < deadline:
+            time.sleep(0.1)
+            b.peek()
+        assert b.info()["store"] == "redis" and "fallback" not in b.info()
+        assert stats.registry.get_sample_value("vecshim_budget_fallback", {"upstream": "up.example"}) == 0
+    finally:
+        server.stop()
+
+
+def test_learned_limits_lower_configured_ones_win():
+    b = Budget("a", "up", BudgetConfig(), redis_url=None, local_dir=None)
+    b.configure(RateLimit(requests_per_minute=600))
+    b.learn(UpstreamInfo(requests_per_minute=3000, tokens_per_minute=90_000))
+    assert b.per_minute() == (600, 90_000)
+    b.learn(UpstreamInfo(requests_per_minute=300))
+    assert b.per_minute() == (300, 90_000)
+    assert b.info()["learned"] == {"requests_per_minute": 300, "tokens_per_minute": 90_000}
+
+
+# -- retries and coalescing -----------------------------------------------------
+
+def test_retries_run_until_the_time_budget_not_a_fixed_count():
+    b = Budget("r", "up", BudgetConfig(), redis_url=None, local_dir=None)
+    res = Resilience(RetryPolicy(budget_s=20, base_delay_s=0.001, max_delay_s=0.01), CircuitPolicy(), 2,
+                     "test", budget=b)
+    errors = [UpstreamError("429", upstream_status=429, retry_after=0.01, retryable=True) for _ in range(12)]
+
+    def fn():
+        if errors:
+            raise errors.pop()
+        return "ok"
+    assert res.call(fn) == "ok" and not errors  # 13 attempts, far past the old default of 5
+
+
+def test_a_429_pauses_every_caller_of_the_account():
+    b = Budget("p", "up", BudgetConfig(), redis_url=None, local_dir=None)
+    policy = RetryPolicy(budget_s=10, base_delay_s=0.001, max_delay_s=0.001)
+    first, second = (Resilience(policy, CircuitPolicy(), 2, n, budget=b) for n in ("one", "two"))
+    failed = [UpstreamError("429", upstream_status=429, retry_after=0.5, retryable=True)]
+
+    def fn():
+        if failed:
+            raise failed.pop()
+        return time.monotonic()
+    threading.Thread(target=first.call, args=(fn,)).start()
+    time.sleep(0.05)
+    started = time.monotonic()
+    assert not failed  # the 429 happened
+    assert second.call(lambda: time.monotonic()) - started >= 0.35
+    assert second.delay() == 0
+
+
+class _Gate:
+    """A gate the test opens and closes by hand."""
+
+    def __init__(self):
+        self.open = threading.Event()
+        self.listeners = []
+
+    def delay(self) -> float:
+        return 0.0 if self.open.is_set() else float("inf")
+
+    def subscribe(self, fn):
+        self.listeners.append(fn)
+
+    def set(self):
+        self.open.set()
+        for fn in self.listeners:
+            fn()
+
+
+def test_gate_holds_texts_until_the_upstream_has_room_then_sends_them_together():
+    gate, calls = _Gate(), []
+    b = Batcher("g", lambda texts, key: (calls.append(list(texts)), [[1.0]] * len(texts))[1], max_size=64,
+                max_wait_ms=0, workers=4, max_queue=100, gate=gate)
+    try:
+        items = b.submit([f"t{i}" for i in range(10)], [1] * 10, None)
+        time.sleep(0.2)
+        assert calls == []  # the upstream has no room: nothing leaves, texts pile up
+        gate.set()
+        b.wait(items, 10)
+        assert calls == [[f"t{i}" for i in range(10)]]  # one call for all of them
+    finally:
+        b.close(5)
+
+
+def test_a_lone_text_on_an_idle_upstream_goes_at_once_despite_max_wait():
+    gate, calls = _Gate(), []
+    gate.open.set()
+    b = Batcher("g", lambda texts, key: (calls.append(list(texts)), [[1.0]] * len(texts))[1], max_size=64,
+                max_wait_ms=1000, workers=4, max_queue=100, gate=gate)
+    b.max_wait = 5.0  # beyond the config's ceiling, so waiting it would show
+    try:
+        start = time.monotonic()
+        b.wait(b.submit(["alone"], [1], None), 10)
+        b.wait(b.submit(["again"], [1], None), 10)
+        assert calls == [["alone"], ["again"]]
+        assert time.monotonic() - start < 5.0  # max_wait (5 s each) was not waited
+    finally:
+        b.close(5)
