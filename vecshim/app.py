@@ -266,6 +266,10 @@ def _register_errors(app: Flask) -> None:
         return json_response({"error": f"{err.code} {err.name}: {err.description}"}, err.code or 500, headers)
 
     def unexpected(err: Exception):
+        if type(err).__module__.startswith("gunicorn.http"):
+            # A body gunicorn could not read (bad chunk, early end): the client's fault. Only
+            # reachable where vecshim's worker does not pre-read requests (TLS, HTTP/2).
+            return json_response({"error": f"malformed request body ({type(err).__name__})"}, 400)
         log.exception("unhandled error")
         return json_response({"error": f"internal error ({type(err).__name__}); see the server log"}, 500)
 
