@@ -144,6 +144,7 @@ class Model:
             **({"error": self.error} if self.error else {}),
             "required": self.cfg.required,
             "model": b.info(),
+            "plugin": self.origin,
             "dimension": self.dimension,
             "normalized": self.normalized,
             "matryoshka": self.matryoshka,
