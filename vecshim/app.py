@@ -227,7 +227,8 @@ def build_models(config: Config, registry, cache, stats=None) -> dict[str, Model
             models[name].state, models[name].error = "unavailable", reason
             log.warning("model %r (required: false) is unavailable: %s", name, reason)
     for name, m in models.items():
-        m.fallbacks = [models[f] for f in config.models[name].fallbacks]
+        # an unavailable optional model can't be anyone's fallback (nor be compared with one)
+        m.fallbacks = [models[f] for f in config.models[name].fallbacks if models[f].state != "unavailable"]
         for fb in m.fallbacks:
             # Only what config alone decides; the rest is compared once both are loaded.
             diff = differences(m.fingerprint_parts(), fb.fingerprint_parts(), known_only=True)

@@ -349,6 +349,11 @@ def format_validation_error(err: ValidationError, prefix: str = "", root: type[B
     return "\n".join(lines)
 
 
+def _is_false(value: Any) -> bool:
+    """Whether pydantic reads `value` as a false bool (`false`, "false", "no", 0...)."""
+    return value is False or (isinstance(value, str) and value.strip().lower() in ("false", "no", "off", "0", "f", "n"))
+
+
 def parse_config(data: Any, env: dict[str, str] | None = None) -> Config:
     """Validate a mapping (already loaded from YAML) into a Config."""
     if data is None:
@@ -356,7 +361,7 @@ def parse_config(data: Any, env: dict[str, str] | None = None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError("<root>: the config must be a mapping")
     models = data.get("models")
-    optional = {n: m for n, m in models.items() if isinstance(m, dict) and m.get("required") is False} \
+    optional = {n: m for n, m in models.items() if isinstance(m, dict) and _is_false(m.get("required"))} \
         if isinstance(models, dict) else {}
     # An optional model's unset ${VAR}s make that model unavailable, not the config invalid.
     unavailable, expanded = {}, {}
