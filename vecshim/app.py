@@ -229,6 +229,8 @@ def build_models(config: Config, registry, cache, stats=None) -> dict[str, Model
     for name, m in models.items():
         # an unavailable optional model can't be anyone's fallback (nor be compared with one)
         m.fallbacks = [models[f] for f in config.models[name].fallbacks if models[f].state != "unavailable"]
+        m.dropped_fallbacks = [{"name": f, "reason": f"unavailable: {models[f].error}"}
+                               for f in config.models[name].fallbacks if models[f].state == "unavailable"]
         for fb in m.fallbacks:
             # Only what config alone decides; the rest is compared once both are loaded.
             diff = differences(m.fingerprint_parts(), fb.fingerprint_parts(), known_only=True)
