@@ -139,9 +139,28 @@ def check_config(path: str | os.PathLike | None = None, env: dict[str, str] | No
         if backend is not None:
             built[name] = backend
     _check_fallbacks(models, built, report, registry)
+    _check_rerankers(report, registry)
     if report.errors:
         report.config = None
     return report
+
+
+def _check_rerankers(report: Report, registry) -> None:
+    """The `rerankers:` section once the schema is valid: names, fallbacks, backends, options, model references."""
+    from .config import _PathError
+    from .ranking import build_rankers
+
+    cfg = report.config
+    if cfg is None:
+        return
+    try:
+        cfg._check_rerankers()
+        build_rankers(cfg, registry, {name: None for name in cfg.models})
+    except _PathError as err:
+        report.add(err.path, str(err))
+    except ConfigError as err:
+        for p, msg in _split(err.message):
+            report.add(p, msg)
 
 
 def _check_plugins(data: dict, base_dir: Path | None, report: Report):

@@ -14,7 +14,7 @@ bp = Blueprint("weaviate", __name__)
 def live(name: str | None = None):
     """Alive as long as the process answers."""
     if name is not None:
-        get_state().get_model(name)
+        get_state().check_name(name)
     return Response(status=204)
 
 
