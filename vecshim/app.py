@@ -20,7 +20,8 @@ from .loader import ModelSet, build_models
 from .meta import MetaPages
 from .model import Model
 from .plugins import collect_backends, get_plugin_manager, plugin_infos
-from .api import compat, openai, ops, weaviate
+from .ranking import build_rankers
+from .api import compat, openai, ops, rerank, weaviate
 from .api import metrics as metrics_api
 from .api.common import json_response
 from .logs import configure_logging, new_request_id, request_id_var
@@ -42,11 +43,15 @@ class State:
     """
 
     def __init__(self, config: Config, pm, registry, models: dict[str, Model], cache, stats=None,
-                 engine_info=None):
+                 rerankers: dict | None = None, engine_info=None):
         self.config = config
         self.pm = pm
         self.registry = registry
         self.models = models
+        #: Served rerankers by name (`vecshim.ranking.Ranker`); they load after the models.
+        self.rerankers = rerankers or {}
+        #: Served rerankers by name (`vecshim.ranking.Ranker`); they load after the models.
+        self.rerankers = rerankers or {}
         self.cache = cache
         self.stats = stats
         self.draining = False
@@ -55,8 +60,9 @@ class State:
         self.in_flight = 0
         self._in_flight_lock = threading.Lock()
         self.plugins = plugin_infos(pm)
-        self.meta = MetaPages(models, config.default_model, self.plugins, engine_info)
-        self.loader = ModelSet(models, on_change=self.render_meta)
+        self.meta = MetaPages(models, config.default_model, self.plugins, engine_info,
+                              rerankers=self.rerankers, default_reranker=config.default_reranker)
+        self.loader = ModelSet(models, on_change=self.render_meta, rerankers=self.rerankers)
 
     @property
     def default_model(self) -> str:
@@ -93,14 +99,22 @@ class State:
         """Why the server (or one model) can't serve yet; None when ready."""
         if self.draining:
             return "shutting down"
-        if name is not None:
-            models = [self.get_model(name)]
-        else:  # `required: false` models never hold the server out of ready
-            models = [m for m in self.models.values() if m.cfg.required]
-        for m in models:
+        if name in self.rerankers:
+            served = [self.rerankers[name]]
+        elif name is not None:
+            served = [self.get_model(name)]
+        else:  # `required: false` models and rerankers never hold the server out of ready
+            served = [m for m in [*self.models.values(), *self.rerankers.values()] if m.cfg.required]
+        for m in served:
             if not m.ready:
-                return f"model {m.name!r} is {m.state}" + (f": {m.error}" if m.error else "")
+                kind = "reranker" if m in self.rerankers.values() else "model"
+                return f"{kind} {m.name!r} is {m.state}" + (f": {m.error}" if m.error else "")
         return None
+
+    def check_name(self, name: str) -> None:
+        """404 unless `name` is a configured model or reranker (the per-name health routes)."""
+        if name not in self.rerankers:
+            self.get_model(name)
 
     def render_meta(self) -> None:
         """Pre-render /meta for the server and each model (on startup and state changes); update state gauges."""
@@ -114,7 +128,7 @@ class State:
     def meta_bytes(self, name: str | None) -> bytes:
         """The /meta body for the server or one model."""
         if name is not None:
-            self.get_model(name)
+            self.check_name(name)
         return self.meta.get(name)
 
     def start_loading(self):
@@ -247,13 +261,16 @@ def create_app(config: Config | dict | str | os.PathLike | None = None, *, plugi
         log.warning("server.auth.embed_tokens is set: Weaviate's text2vec-transformers client sends no "
                     "Authorization header, so /vectors needs a proxy that adds one (see docs/operations.md)")
     stats = stats if stats is not None else Stats()
-    cache = build_cache(cfg.cache, on_redis_error=stats.redis_error)
+    cache = build_cache(cfg.cache, on_redis_error=stats.redis_error, on_reject=stats.cache_reject)
     link = None
     if engine_socket:
         from .engine.proxy import EngineLink, RemoteModel
         models = build_models(cfg, registry, cache, stats, model_cls=RemoteModel)
     else:
         models = build_models(cfg, registry, cache, stats)
+    # Rerankers stay in the HTTP workers (one copy per worker); those that embed through a
+    # model reach it like any request does (through the engine when there is one).
+    rankers = build_rankers(cfg, registry, models, stats)
 
     app = Flask("vecshim")
     app.config["MAX_CONTENT_LENGTH"] = int(cfg.server.max_request_mb * 1024 * 1024)
@@ -263,14 +280,15 @@ def create_app(config: Config | dict | str | os.PathLike | None = None, *, plugi
     if engine_socket:
         def on_facts(facts):
             for name, m in models.items():
-                m.apply(facts["models"].get(name) if facts else None)
+                m.apply(facts["models"].get(name) if facts else None,
+                        facts.get("poolings", {}).get(name) if facts else None)
             state.render_meta()
         link = EngineLink(engine_socket, on_facts)
         for m in models.values():
             m.link = link
-        state = State(cfg, pm, registry, models, cache, stats, engine_info=link.info)
+        state = State(cfg, pm, registry, models, cache, stats, rerankers=rankers, engine_info=link.info)
     else:
-        state = State(cfg, pm, registry, models, cache, stats,
+        state = State(cfg, pm, registry, models, cache, stats, rerankers=rankers,
                       engine_info=lambda: {"mode": "in-process", "pid": os.getpid()})
     app.extensions["vecshim"] = state
     _register_errors(app)
@@ -278,10 +296,12 @@ def create_app(config: Config | dict | str | os.PathLike | None = None, *, plugi
     app.register_blueprint(weaviate.bp)
     app.register_blueprint(openai.bp)
     app.register_blueprint(compat.bp)
+    app.register_blueprint(rerank.bp)
+    app.register_blueprint(rerank.cohere_bp)
     app.register_blueprint(ops.bp)
     app.register_blueprint(metrics_api.bp)
     if link is not None:
         state.link = link.start()
-    elif load:
+    if load:  # with an engine: the rerankers (the proxies' load() is a no-op)
         state.start_loading()
     return app

@@ -66,7 +66,10 @@ def check_models(config, base_dir: Path | None = None):
     pm = get_plugin_manager(dirs=config.plugins.dirs, disable=config.plugins.disable,
                             load_entrypoints=config.plugins.entrypoints, base_dir=base_dir)
     registry = collect_backends(pm)
-    build_models(config, registry, cache=None)  # validates options before forking
+    from .ranking import build_rankers
+
+    models = build_models(config, registry, cache=None)  # validates options before forking
+    build_rankers(config, registry, models)
     return registry
 
 

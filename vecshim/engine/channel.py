@@ -23,7 +23,7 @@ __all__ = ["send", "recv", "pack_texts", "unpack_texts", "pack_vectors", "unpack
            "pack_error", "unpack_error", "ChannelClosed", "TASK_CODES", "TASKS_BY_CODE"]
 
 _LEN = struct.Struct("!I")
-_HEAD = struct.Struct("!cBHI")   # kind, task, model-name bytes, text count
+_HEAD = struct.Struct("!cBHHI")  # kind, task, model-name bytes, pooling-name bytes, text count
 _SHAPE = struct.Struct("!II")    # rows, columns
 TASK_CODES = {"passage": 0, "query": 1}
 TASKS_BY_CODE = {v: k for k, v in TASK_CODES.items()}
@@ -64,27 +64,30 @@ def recv(sock: socket.socket) -> bytes:
     return _recv_exact(sock, n) if n else b""
 
 
-def pack_texts(kind: bytes, model: str, texts: list[str], task: str = "passage") -> bytes:
+def pack_texts(kind: bytes, model: str, texts: list[str], task: str = "passage", pooling: str | None = None) -> bytes:
     """An E or C request."""
     name = model.encode()
+    pool = (pooling or "").encode()
     blobs = [t.encode("utf-8", "surrogatepass") for t in texts]
     lens = struct.pack(f"!{len(blobs)}I", *map(len, blobs))
-    return _HEAD.pack(kind, TASK_CODES[task], len(name), len(blobs)) + name + lens + b"".join(blobs)
+    return _HEAD.pack(kind, TASK_CODES[task], len(name), len(pool), len(blobs)) + name + pool + lens + b"".join(blobs)
 
 
-def unpack_texts(body: bytes) -> tuple[bytes, str, str, list[str]]:
-    """(kind, model, task, texts) of an E or C request."""
-    kind, task, name_len, n = _HEAD.unpack_from(body)
+def unpack_texts(body: bytes) -> tuple[bytes, str, str, str | None, list[str]]:
+    """(kind, model, task, pooling, texts) of an E or C request."""
+    kind, task, name_len, pool_len, n = _HEAD.unpack_from(body)
     pos = _HEAD.size
     model = body[pos:pos + name_len].decode()
     pos += name_len
+    pooling = body[pos:pos + pool_len].decode() or None
+    pos += pool_len
     lens = struct.unpack_from(f"!{n}I", body, pos)
     pos += 4 * n
     texts = []
     for k in lens:
         texts.append(body[pos:pos + k].decode("utf-8", "surrogatepass"))
         pos += k
-    return kind, model, TASKS_BY_CODE[task], texts
+    return kind, model, TASKS_BY_CODE[task], pooling, texts
 
 
 def pack_vectors(vectors) -> bytes:

@@ -69,8 +69,10 @@ class Engine:
     # -- facts ------------------------------------------------------------
     def facts(self) -> dict:
         """Engine identity and every model's /meta entry (state, fingerprint, dimension...)."""
+        models = self.models.models
         return {"pid": os.getpid(), "boot": self.boot,
-                "models": {name: m.info() for name, m in self.models.models.items()}}
+                "models": {name: m.info() for name, m in models.items()},
+                "poolings": {name: list(m.poolings) for name, m in models.items()}}
 
     def publish(self) -> None:
         """Push the current facts to every watching worker."""
@@ -176,7 +178,7 @@ class Engine:
 
     def _answer(self, body: bytes, pid: int) -> bytes:
         try:
-            kind, name, task, texts = channel.unpack_texts(body)
+            kind, name, task, pooling, texts = channel.unpack_texts(body)
             model = self.models.models.get(name)
             if model is None:
                 raise UnknownModelError(name, self.models.models)
@@ -184,7 +186,7 @@ class Engine:
                 return channel.pack_counts(model.backend.count_tokens(texts))
             self._track(model, task, texts, pid, True)
             try:
-                return channel.pack_vectors(model.embed(texts, task))
+                return channel.pack_vectors(model.embed(texts, task, pooling=pooling))
             finally:
                 self._track(model, task, texts, pid, False)
         except Exception as err:

@@ -154,7 +154,7 @@ class RemoteModel(Model):
         self.backend = _CountingBackend(self.backend, self)
         self._facts: dict | None = None
 
-    def apply(self, info: dict | None) -> None:
+    def apply(self, info: dict | None, poolings: list[str] | None = None) -> None:
         """Take the engine's facts for this model (None: the engine is down)."""
         if info is None:
             self.state, self.error = "unavailable", "the engine is restarting"
@@ -164,6 +164,8 @@ class RemoteModel(Model):
         self.state, self.error = info["state"], info.get("error")
         self.dimension = info.get("dimension")
         self.task_split = bool(info.get("task_aware", self.task_split))
+        if poolings is not None:
+            self.poolings = tuple(poolings)
         if self.state == "ready":
             self._fingerprint = info["fingerprint"]
             self._ready.set()
@@ -195,10 +197,10 @@ class RemoteModel(Model):
     def close(self, timeout: float = 30.0) -> None:
         """Nothing to drain here: the engine finishes the queue."""
 
-    def embed(self, texts, task="passage", dimensions=None):
+    def embed(self, texts, task="passage", dimensions=None, pooling=None):
         if self.link is not None and not self.link.up:
             raise _unavailable(f"model {self.name!r}")
-        return super().embed(texts, task, dimensions)
+        return super().embed(texts, task, dimensions, pooling)
 
     def _call(self, body: bytes) -> bytes:
         reply = self.link.call(body, self.cfg.timeout_s + 5.0, f"model {self.name!r}")
@@ -206,5 +208,5 @@ class RemoteModel(Model):
             raise channel.unpack_error(reply)
         return reply
 
-    def _run(self, texts: list[str], task: str):
-        return channel.unpack_vectors(self._call(channel.pack_texts(b"E", self.name, texts, task)))
+    def _run(self, texts: list[str], task: str, pooling: str | None = None):
+        return channel.unpack_vectors(self._call(channel.pack_texts(b"E", self.name, texts, task, pooling)))
