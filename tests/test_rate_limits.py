@@ -126,7 +126,7 @@ def _grants(run, seconds: float, rr: float) -> int:
     """Reserve as fast as the store allows for `seconds`; return how many were granted."""
     granted, stop = 0, time.monotonic() + seconds
     while time.monotonic() < stop:
-        wait = run("acct", "reserve", rr, 0.0, 0)[0]
+        wait = run("acct", "reserve", rr, 0.0, 0, 0.0)[0]
         if wait <= 0:
             granted += 1
         else:
@@ -151,20 +151,38 @@ def test_every_store_paces_requests_at_the_rate(kind, tmp_path, redis_server):
     assert 1 < granted <= _bound(rr, time.monotonic() - start)
 
 
+def _store(kind, tmp_path, redis_server):
+    return {"memory": MemoryStore, "file": lambda: FileStore(str(tmp_path)),
+            "redis": lambda: RedisStore(redis_server.url, 1.0)}[kind]()
+
+
 @pytest.mark.parametrize("kind", ["memory", "file", "redis"])
 def test_stores_agree_on_pause_settle_and_tokens(kind, tmp_path, redis_server):
-    store = {"memory": MemoryStore, "file": lambda: FileStore(str(tmp_path)),
-             "redis": lambda: RedisStore(redis_server.url, 1.0)}[kind]()
-    acct = f"agree-{kind}"
-    assert store.run(acct, "reserve", 0, 100.0, 50)[0] == 0  # 50 tokens at 100/s: 0.5 s ahead
-    wait, _, ahead_t = store.run(acct, "peek", 0, 100.0, 0)
+    store = _store(kind, tmp_path, redis_server)
+    acct = f"agree-{kind}-{time.monotonic()}"
+    assert store.run(acct, "reserve", 0, 100.0, 50, 0.0)[0] == 0  # 50 tokens at 100/s: 0.5 s ahead
+    wait, _, ahead_t = store.run(acct, "reserve", 0, 100.0, 0)  # max_wait < 0: only look
     assert wait == 0 and 0.3 < ahead_t <= 0.5
-    assert store.run(acct, "reserve", 0, 100.0, 200)[0] == 0  # still within the 1 s burst
-    assert store.run(acct, "peek", 0, 100.0, 0)[0] > 0.9  # 2.5 s ahead: wait about 1.5 s
+    assert store.run(acct, "reserve", 0, 100.0, 200, 0.0)[0] == 0  # still within the 1 s allowance
+    assert store.run(acct, "reserve", 0, 100.0, 0)[0] > 0.9  # 2.5 s ahead: wait about 1.5 s
+    assert store.run(acct, "reserve", 0, 100.0, 10, 0.0)[0] > 0.9  # not booked: too far away
+    assert store.run(acct, "reserve", 0, 100.0, 0)[2] <= 2.5
     store.run(acct, "settle", 0, 100.0, -200)  # the call used 200 tokens fewer than reserved
-    assert store.run(acct, "peek", 0, 100.0, 0)[0] == 0
+    assert store.run(acct, "reserve", 0, 100.0, 0)[0] == 0
     store.run(acct, "pause", 0, 0, 0.6)
-    assert 0.3 < store.run(acct, "reserve", 0, 0, 0)[0] <= 0.6  # a pause holds even without limits
+    assert 0.3 < store.run(acct, "reserve", 0, 0, 0, 0.0)[0] <= 0.6  # a pause holds even without limits
+
+
+@pytest.mark.parametrize("kind", ["memory", "file", "redis"])
+def test_bookings_queue_up_in_order_at_the_rate(kind, tmp_path, redis_server):
+    store = _store(kind, tmp_path, redis_server)
+    acct = f"queue-{kind}-{time.monotonic()}"
+    waits = [store.run(acct, "reserve", 10.0, 0.0, 0, 5.0)[0] for _ in range(6)]
+    assert waits[0] == 0
+    # Each booking takes the next 0.1 s slot: callers wait their turn instead of racing for it.
+    gaps = [b - a for a, b in zip(waits, waits[1:])]
+    assert all(0.05 < g <= 0.1 + 1e-6 for g in gaps[1:]), waits
+    assert store.run(acct, "reserve", 10.0, 0.0, 0, 0.1)[0] > 0.1  # beyond max_wait: not booked
 
 
 def _hammer_file(folder: str, seconds: float, rr: float, out) -> None:
@@ -236,7 +254,7 @@ def test_redis_killed_mid_run_falls_back_to_a_share_loudly_and_comes_back(monkey
         deadline = time.monotonic() + 10
         while b.info()["store"] != "redis" and time.monotonic() < deadline:
             time.sleep(0.1)
-            b.peek()
+            b.peek()  # each operation tries Redis again once RETRY_REDIS_S has passed
         assert b.info()["store"] == "redis" and "fallback" not in b.info()
         assert stats.registry.get_sample_value("vecshim_budget_fallback", {"upstream": "up.example"}) == 0
     finally:
@@ -283,7 +301,7 @@ def test_a_429_pauses_every_caller_of_the_account():
     started = time.monotonic()
     assert not failed  # the 429 happened
     assert second.call(lambda: time.monotonic()) - started >= 0.35
-    assert second.delay() == 0
+    assert b.peek() == 0
 
 
 class _Gate:
@@ -293,8 +311,8 @@ class _Gate:
         self.open = threading.Event()
         self.listeners = []
 
-    def delay(self) -> float:
-        return 0.0 if self.open.is_set() else float("inf")
+    def admit(self) -> tuple[bool, float]:
+        return (True, 0.0) if self.open.is_set() else (False, float("inf"))
 
     def subscribe(self, fn):
         self.listeners.append(fn)

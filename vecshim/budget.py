@@ -84,13 +84,16 @@ def account_id(endpoint: str, key: str | None) -> str:
     return hashlib.sha256(f"{endpoint}\x00{key or ''}".encode()).hexdigest()[:16]
 
 
-def step(state: dict, now: float, op: str, rr: float, tr: float, n: float) -> tuple[float, float, float]:
+def step(state: dict, now: float, op: str, rr: float, tr: float, n: float,
+         max_wait: float = -1.0) -> tuple[float, float, float]:
     """Apply one budget operation to `state` (rt, tt, pu) in place.
 
-    `rr`/`tr`: requests and tokens per second (0: no limit); `n`: tokens
-    (reserve, peek, settle: the correction) or seconds (pause). Returns the
-    wait in s (0: reserved) and how far ahead of now the request and token
-    schedules run. Mirrors `_LUA` line by line; tests check that both agree.
+    `rr`/`tr`: requests and tokens per second (0: not counted); `n`: tokens
+    (reserve, settle: the correction) or seconds (pause). `reserve` books the
+    next slot when it is at most `max_wait` s away (so callers queue up in
+    order, none starves) and returns the wait until it; a negative `max_wait`
+    only looks. Returns (wait, how far ahead of now the request and token
+    schedules run). Mirrors `_LUA` line by line; tests check they agree.
     """
     rt, tt, pu = state.get("rt", 0.0), state.get("tt", 0.0), state.get("pu", 0.0)
     wait = 0.0
@@ -105,7 +108,7 @@ def step(state: dict, now: float, op: str, rr: float, tr: float, n: float) -> tu
             wait = max(wait, max(rt, now) - now - REQUEST_BURST_S)
         if tr > 0:
             wait = max(wait, max(tt, now) - now - TOKEN_BURST_S)
-        if wait <= 0 and op == "reserve":
+        if wait <= max_wait:
             if rr > 0:
                 rt = state["rt"] = max(rt, now) + 1.0 / rr
             if tr > 0:
@@ -117,7 +120,7 @@ _LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local op, rr, tr, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local rb, tb, ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local rb, tb, ttl, mw = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local s = redis.call('HMGET', KEYS[1], 'rt', 'tt', 'pu')
 local rt, tt, pu = tonumber(s[1]) or 0, tonumber(s[2]) or 0, tonumber(s[3]) or 0
 local wait = 0
@@ -135,7 +138,7 @@ else
   wait = math.max(0, pu - now)
   if rr > 0 then wait = math.max(wait, math.max(rt, now) - now - rb) end
   if tr > 0 then wait = math.max(wait, math.max(tt, now) - now - tb) end
-  if wait <= 0 and op == 'reserve' then
+  if wait <= mw then
     if rr > 0 then
       rt = math.max(rt, now) + 1 / rr
       redis.call('HSET', KEYS[1], 'rt', string.format('%.6f', rt))
@@ -160,10 +163,11 @@ class MemoryStore:
         self._states: dict[str, dict] = {}
         self._lock = threading.Lock()
 
-    def run(self, account: str, op: str, rr: float, tr: float, n: float) -> tuple[float, float, float]:
+    def run(self, account: str, op: str, rr: float, tr: float, n: float,
+            max_wait: float = -1.0) -> tuple[float, float, float]:
         with self._lock:
             state = self._states.setdefault(account, {})
-            return step(state, time.monotonic(), op, rr, tr, n)
+            return step(state, time.monotonic(), op, rr, tr, n, max_wait)
 
 
 class FileStore:
@@ -174,7 +178,8 @@ class FileStore:
     def __init__(self, folder: str):
         self.folder = Path(folder)
 
-    def run(self, account: str, op: str, rr: float, tr: float, n: float) -> tuple[float, float, float]:
+    def run(self, account: str, op: str, rr: float, tr: float, n: float,
+            max_wait: float = -1.0) -> tuple[float, float, float]:
         path = self.folder / f"budget-{account}.json"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -187,8 +192,8 @@ class FileStore:
                 state = {}
             if any(v > now + STALE_S for v in state.values()):
                 state = {}
-            result = step(state, now, op, rr, tr, n)
-            if op != "peek":
+            result = step(state, now, op, rr, tr, n, max_wait)
+            if op != "reserve" or result[0] <= max_wait:
                 data = json.dumps(state).encode()
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, data, 0)
@@ -213,11 +218,12 @@ class RedisStore:
         self._script = self._redis.register_script(_LUA)
         self.errors = (redis.RedisError, OSError)
 
-    def run(self, account: str, op: str, rr: float, tr: float, n: float) -> tuple[float, float, float]:
+    def run(self, account: str, op: str, rr: float, tr: float, n: float,
+            max_wait: float = -1.0) -> tuple[float, float, float]:
         ttl_ms = int(max(120.0, 2 * STALE_S) * 1000)
         raw = self._script(keys=[f"vecshim:budget:{{{account}}}"],
                            args=[op, repr(rr), repr(tr), repr(float(n)), repr(REQUEST_BURST_S),
-                                 repr(TOKEN_BURST_S), ttl_ms])
+                                 repr(TOKEN_BURST_S), ttl_ms, repr(min(max_wait, 1e9))])
         wait, ahead_r, ahead_t = (float(x) for x in raw.split())
         return wait, ahead_r, ahead_t
 
@@ -285,16 +291,17 @@ class Budget:
         return (rpm or 0) * scale, (tpm or 0) * scale
 
     # -- operations -------------------------------------------------------
-    def reserve(self, tokens: int) -> float:
-        """Reserve one request and `tokens`; return 0 when done, else the seconds to wait first."""
-        wait = self._run("reserve", tokens)
-        if wait <= 0 and self.stats:
+    def reserve(self, tokens: int, *, requests: bool = True, max_wait: float = 0.0) -> float:
+        """Book the next slot for one request (unless `requests` is false) and `tokens`,
+        if it is at most `max_wait` s away; return the wait until it (booked: <= max_wait)."""
+        wait = self._run("reserve", tokens, max_wait, requests)
+        if wait <= max_wait and requests and self.stats:
             self.stats.budget_used(self.label, "requests", 1)
         return wait
 
     def peek(self) -> float:
-        """Seconds until a call could reserve (0: now), without reserving."""
-        return self._run("peek", 0)
+        """Seconds until a call could go (0: now), without booking anything."""
+        return self._run("reserve", 0, -1.0)
 
     def settle(self, estimated: int, actual: int) -> None:
         """Correct a reservation of `estimated` tokens to the `actual` count."""
@@ -307,13 +314,13 @@ class Budget:
         """Hold every call to this account for `seconds` (a 429's Retry-After)."""
         self._run("pause", seconds)
 
-    def _run(self, op: str, n: float) -> float:
+    def _run(self, op: str, n: float, max_wait: float = -1.0, requests: bool = True) -> float:
         now = time.monotonic()
         result = None
         if self._redis is not None and now >= self._redis_down_until:
             rr, tr = self._rates(1)
             try:
-                result = self._redis.run(self.account, op, rr, tr, n)
+                result = self._redis.run(self.account, op, rr if requests else 0.0, tr, n, max_wait)
             except self._redis.errors as err:
                 self._redis_down_until = now + RETRY_REDIS_S
                 self._set_fallback(True, err)
@@ -321,7 +328,7 @@ class Budget:
                 self._set_fallback(False)
         if result is None:
             rr, tr = self._rates(self.cfg.expected_replicas if self._fallback else 1)
-            result = self._local.run(self.account, op, rr, tr, n)
+            result = self._local.run(self.account, op, rr if requests else 0.0, tr, n, max_wait)
         wait, ahead_r, ahead_t = result
         if self.stats:
             # What could still be reserved over the next minute at the current pace.
