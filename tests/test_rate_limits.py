@@ -74,41 +74,42 @@ def test_account_id_separates_keys_and_hides_them():
 
 # -- the AIMD window ----------------------------------------------------------
 
+def _round(w: Window, outcome: str, seconds: float) -> None:
+    assert w.acquire(1)
+    w.observe(outcome, seconds)
+    w.release()
+
+
 def test_window_halves_on_429_once_per_burst_and_grows_back_additively():
     w = Window(8, 8)
     for _ in range(3):  # three 429s from calls that were in flight together
         assert w.acquire(1)
     for _ in range(3):
-        w.release("429", 0.5)
+        w.observe("429", 0.5)
+        w.release()
     assert w.limit == 4.0
     time.sleep(0.55)  # the next round trip: a new 429 counts again
-    assert w.acquire(1)
-    w.release("429", 0.05)
+    _round(w, "429", 0.05)
     assert w.limit == 2.0
     time.sleep(0.06)
     for _ in range(2):  # a full window of successes adds one call
-        assert w.acquire(1)
-        w.release("ok", 0.05)
+        _round(w, "ok", 0.05)
     assert w.limit == pytest.approx(2 + 1 / 2 + 1 / 2.5)  # about one more call
     for _ in range(100):
-        assert w.acquire(1)
-        w.release("ok", 0.05)
+        _round(w, "ok", 0.05)
     assert w.limit == 8.0  # never above the ceiling
 
 
 def test_window_never_below_one_and_cut_by_latency_growth():
     w = Window(4, 4)
     for _ in range(20):
-        assert w.acquire(1)
-        w.release("ok", 0.06)
-    assert w.acquire(1)
-    w.release("ok", 0.3)  # 5x the baseline: the upstream is queueing us
+        _round(w, "ok", 0.06)
+    _round(w, "ok", 0.3)  # 5x the baseline: the upstream is queueing us
     assert w.limit == pytest.approx(3.6)
     time.sleep(0.31)
     for _ in range(10):
         time.sleep(0.06)
-        assert w.acquire(1)
-        w.release("429", 0.05)
+        _round(w, "429", 0.05)
     assert w.limit == 1.0
 
 
@@ -116,7 +117,9 @@ def test_window_blocks_beyond_its_limit():
     w = Window(2, 2)
     assert w.acquire(1) and w.acquire(1)
     assert not w.free and not w.acquire(0.05)
-    w.release("error", 0.01)
+    w.observe("error", 0.01)
+    assert not w.free  # an attempt failed but its call still holds the place (retrying)
+    w.release()
     assert w.free and w.acquire(0.05)
 
 
@@ -177,12 +180,14 @@ def test_stores_agree_on_pause_settle_and_tokens(kind, tmp_path, redis_server):
 def test_bookings_queue_up_in_order_at_the_rate(kind, tmp_path, redis_server):
     store = _store(kind, tmp_path, redis_server)
     acct = f"queue-{kind}-{time.monotonic()}"
-    waits = [store.run(acct, "reserve", 10.0, 0.0, 0, 5.0)[0] for _ in range(6)]
+    waits = [store.run(acct, "reserve", 1.0, 0.0, 0, 50.0)[0] for _ in range(5)]
     assert waits[0] == 0
-    # Each booking takes the next 0.1 s slot: callers wait their turn instead of racing for it.
+    # Each booking takes the next 1 s slot: callers wait their turn instead of racing for it
+    # (less the time that passed between two bookings).
     gaps = [b - a for a, b in zip(waits, waits[1:])]
-    assert all(0.05 < g <= 0.1 + 1e-6 for g in gaps[1:]), waits
-    assert store.run(acct, "reserve", 10.0, 0.0, 0, 0.1)[0] > 0.1  # beyond max_wait: not booked
+    assert all(0.5 < g <= 1.0 + 1e-6 for g in gaps[1:]), waits
+    assert store.run(acct, "reserve", 1.0, 0.0, 0, 0.5)[0] > 3  # beyond max_wait: not booked
+    assert store.run(acct, "reserve", 1.0, 0.0, 0)[1] < waits[-1] + 1.5  # ...and the schedule did not move
 
 
 def _hammer_file(folder: str, seconds: float, rr: float, out) -> None:

@@ -138,8 +138,10 @@ def read_cohere_headers(headers: Mapping[str, str] | None) -> UpstreamInfo:
 class Window:
     """How many calls may be in flight: additive increase, multiplicative decrease.
 
-    Each success adds 1/limit (one call per full window of successes); a 429
-    halves the limit, and a call more than `slow_factor` times slower than
+    A call holds its place through all its attempts and retry waits, so while
+    the upstream pushes back fewer calls are out and texts gather into the
+    next one. Each success adds 1/limit (one call per full window of
+    successes); a 429 halves the limit, and a call more than `slow_factor` times slower than
     the recent baseline cuts it by 10 %. At most one decrease per `cooldown_s`
     (about one round trip), so one burst of 429s counts once.
     """
@@ -170,10 +172,15 @@ class Window:
             self.in_flight += 1
             return True
 
-    def release(self, outcome: str, seconds: float) -> None:
-        """End a call: `outcome` is "ok", "429" or "error"; `seconds` its duration."""
+    def release(self) -> None:
+        """End a call (all its attempts)."""
         with self._cond:
             self.in_flight -= 1
+            self._cond.notify_all()
+
+    def observe(self, outcome: str, seconds: float) -> None:
+        """Adapt to one attempt: `outcome` is "ok", "429" or "error"; `seconds` its duration."""
+        with self._cond:
             now = time.monotonic()
             if outcome == "429":
                 self._decrease(now, 0.5, seconds)
@@ -184,7 +191,7 @@ class Window:
                 else:
                     self.limit = min(self.maximum, self.limit + 1.0 / self.limit)
                 self._baseline = seconds if base is None else 0.9 * base + 0.1 * seconds
-            self._cond.notify_all()
+            self._cond.notify_all()  # the limit may have grown
 
     def _decrease(self, now: float, factor: float, seconds: float) -> None:
         if now >= self._cut_at:

@@ -136,10 +136,27 @@ class Resilience:
         `tokens`: the call's estimated tokens, reserved from the rate budget.
         """
         try:
-            return self._call(fn, args, kwargs, tokens)
+            if self.window is None:
+                return self._call(fn, args, kwargs, tokens)
+            # The call keeps its place in the window through retries: under pushback
+            # fewer calls are out and the batcher gathers texts into the next one.
+            if not self.window.acquire(self.retry.budget_s):
+                raise BackendUnavailable(f"{self.name}: no upstream call slot freed up within the "
+                                         f"{self.retry.budget_s:g} s budget")
+            try:
+                return self._call(fn, args, kwargs, tokens)
+            finally:
+                self.window.release()
+                self._window_changed()
         except Exception:
             self._on_event("failure")
             raise
+
+    def _window_changed(self) -> None:
+        if self._on_window:
+            self._on_window(self.window.limit, self.window.in_flight)
+        for listener in list(self._listeners):
+            listener()
 
     def _call(self, fn, args, kwargs, tokens):
         start = time.monotonic()
@@ -191,10 +208,7 @@ class Resilience:
             self._slots.release()
 
     def _paced_attempt(self, fn, args, kwargs, deadline, tokens):
-        """One attempt within the window and the budget; learn from what the upstream says."""
-        if not self.window.acquire(max(0.0, deadline - time.monotonic())):
-            raise BackendUnavailable(f"{self.name}: no upstream call slot freed up within the "
-                                     f"{self.retry.budget_s:g} s budget")
+        """One attempt within the budget; learn from what the upstream says."""
         outcome, began = "error", time.monotonic()
         try:
             self._reserve(tokens, deadline)
@@ -214,11 +228,8 @@ class Resilience:
             self._learn(info, tokens, True)
             return result
         finally:
-            self.window.release(outcome, time.monotonic() - began)
-            if self._on_window:
-                self._on_window(self.window.limit, self.window.in_flight)
-            for listener in list(self._listeners):
-                listener()
+            self.window.observe(outcome, time.monotonic() - began)
+            self._window_changed()
 
     def _reserve(self, tokens: int, deadline: float) -> None:
         """Book this attempt in the budget and wait for its slot, or raise if that is past the deadline."""
