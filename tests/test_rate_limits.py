@@ -357,3 +357,25 @@ def test_a_lone_text_on_an_idle_upstream_goes_at_once_despite_max_wait():
         assert time.monotonic() - start < 5.0  # max_wait (5 s each) was not waited
     finally:
         b.close(5)
+
+
+def test_a_limit_nobody_announced_is_inferred_from_429s_and_probed_upwards():
+    b = Budget("quiet", "up", BudgetConfig(), redis_url=None, local_dir=None)
+    b.rate_limited()
+    assert b.inferred is None  # no successes to go by yet: only Retry-After paces
+    for _ in range(10):
+        b.succeeded()
+    b.rate_limited()
+    assert b.inferred == pytest.approx(10 / 2.0 * 60)  # what got through lately, per minute
+    assert b.info()["inferred_requests_per_minute"] == 300 and b.per_minute() == (None, None)
+    b.rate_limited()
+    assert b.inferred == pytest.approx(300)  # the same burst of 429s cuts once
+    b._changed_at -= 2.0
+    b.rate_limited()
+    assert b.inferred == pytest.approx(210)
+    b._changed_at -= 2.0
+    b.succeeded()
+    assert b.inferred == pytest.approx(210 * 1.05 ** 2, rel=0.01)  # probing upwards again
+    b.learn(UpstreamInfo(requests_per_minute=600))
+    b.rate_limited()
+    assert b.per_minute() == (600, None) and "inferred_requests_per_minute" not in b.info()

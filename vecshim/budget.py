@@ -22,6 +22,7 @@ every `RETRY_REDIS_S`.
 """
 from __future__ import annotations
 
+import collections
 import fcntl
 import hashlib
 import json
@@ -47,6 +48,8 @@ RETRY_REDIS_S = 5.0
 REQUEST_BURST_S = 0.05
 #: The same for tokens: one call may carry many, so allow a second's worth ahead.
 TOKEN_BURST_S = 1.0
+#: An inferred request limit never drops below this (requests per minute).
+MIN_INFERRED_RPM = 6.0
 #: A schedule further ahead than this is stale (a clock jump): start over.
 STALE_S = 600.0
 
@@ -250,6 +253,10 @@ class Budget:
         self._fallback = False
         self._lock = threading.Lock()
         self._listeners: list[Callable[[], None]] = []
+        #: Requests per minute inferred from 429s when no limit is known (AIMD-like).
+        self.inferred: float | None = None
+        self._recent: collections.deque[float] = collections.deque(maxlen=4096)
+        self._changed_at = 0.0
 
     # -- limits -----------------------------------------------------------
     def configure(self, limit: RateLimit | None) -> None:
@@ -288,7 +295,40 @@ class Budget:
     def _rates(self, share: int) -> tuple[float, float]:
         rpm, tpm = self.per_minute()
         scale = self.cfg.headroom / 60.0 / share
+        if rpm is None and self.inferred is not None:
+            return self.inferred / 60.0 / share, (tpm or 0) * scale  # already below the limit
         return (rpm or 0) * scale, (tpm or 0) * scale
+
+    # -- a limit nobody announced -------------------------------------------
+    def succeeded(self) -> None:
+        """Count a successful call; an inferred rate grows 5 % per second without a 429."""
+        now = time.monotonic()
+        with self._lock:
+            self._recent.append(now)
+            if self.inferred is not None and now - self._changed_at >= 1.0:
+                self.inferred *= 1.05 ** min(now - self._changed_at, 10.0)
+                self._changed_at = now
+
+    def rate_limited(self) -> None:
+        """A 429 arrived: with no limit announced or configured, infer one (or lower it by 30 %)."""
+        if self.per_minute()[0] is not None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            if now - self._changed_at < 1.0:
+                return  # one cut per second, however many 429s a burst brought
+            if self.inferred is None:
+                recent = sum(1 for t in self._recent if t > now - 2.0)
+                if recent < 2:
+                    return  # nothing to go by yet: Retry-After and the window pace us
+                self.inferred = max(MIN_INFERRED_RPM, recent / 2.0 * 60.0)
+            else:
+                self.inferred = max(MIN_INFERRED_RPM, self.inferred * 0.7)
+            self._changed_at = now
+            rpm = self.inferred
+        log.info("upstream %s announces no request limit and answered 429: pacing at %.0f requests/min",
+                 self.label, rpm)
+        self._publish()
 
     # -- operations -------------------------------------------------------
     def reserve(self, tokens: int, *, requests: bool = True, max_wait: float = 0.0) -> float:
@@ -369,6 +409,8 @@ class Budget:
             "upstream": self.label, "account": self.account, "store": store,
             "limits_per_minute": {"requests": rpm, "tokens": tpm},
             "configured": self.configured.model_dump(), "learned": self.learned.model_dump(),
+            **({"inferred_requests_per_minute": round(self.inferred)}
+               if self.inferred is not None and rpm is None else {}),
             "headroom": self.cfg.headroom,
         }
         if self._fallback:

@@ -177,6 +177,7 @@ class Resilience:
                 if err.upstream_status == 429 and self.budget is not None:
                     # Everyone on this account waits, not just this call.
                     self.budget.pause(err.retry_after if err.retry_after is not None else delay)
+                    self.budget.rate_limited()
                 # A next attempt as slow as this one (a timeout, say) must still fit the budget.
                 capped = self.retry.max_attempts is not None and attempt >= self.retry.max_attempts
                 if capped or now + delay + (now - began) > deadline:
@@ -226,6 +227,7 @@ class Resilience:
             else:
                 info = None
             self._learn(info, tokens, True)
+            self.budget.succeeded()
             return result
         finally:
             self.window.observe(outcome, time.monotonic() - began)
