@@ -7,7 +7,11 @@ Every `--interval` seconds it samples, from /proc, the resident memory,
 thread count and open file descriptors of the gunicorn master and its
 workers. After `--warmup` seconds it fits a least-squares slope to each
 series. The run passes when no request failed, no worker was replaced,
-threads and fds did not grow, and RSS grew less than `--max-rss-growth-mb`.
+fds did not grow, RSS grew less than `--max-rss-growth-mb`, and threads stayed
+within their limit: the idle count at ready plus, per worker, one gthread pool
+thread per concurrent request (min(`--threads`, `--clients`)). gthread adds a
+pool thread only when all of its threads are busy, so a slower machine (more
+requests in flight at once) may use more threads, but never more than that.
 
 Loopback only. Usage (the numbers in bench/RESULTS.md):
 `flock /tmp/vecshim-bench.lock .venv/bin/python bench/soak.py --duration 600 --json /tmp/soak.json`
@@ -179,7 +183,7 @@ def _wait_ready(port: int, proc: subprocess.Popen, timeout: float) -> None:
 def run_soak(*, duration: float, clients: int = 8, rate: float = 30.0, interval: float = 5.0,
              warmup: float = 60.0, config: dict | str | None = None, workers: int = 1,
              max_rss_growth_mb: float = 50.0, log_path: str | None = None, seed: int = 0,
-             progress=None) -> dict:
+             progress=None, threads: int = 64) -> dict:
     """Serve, load and sample for `duration` seconds; return the measurements and a verdict."""
     duration = min(duration, MAX_DURATION_S)
     with tempfile.TemporaryDirectory(prefix="vecshim-soak-") as tmp:
@@ -195,21 +199,23 @@ def run_soak(*, duration: float, clients: int = 8, rate: float = 30.0, interval:
         env["HF_HUB_OFFLINE"] = "1"
         log = open(log_path or os.path.join(tmp, "server.log"), "wb")
         proc = subprocess.Popen([str(VENV_BIN / "vecshim"), "serve", "--config", path, "--bind",
-                                 f"127.0.0.1:{port}", "--workers", str(workers)],
+                                 f"127.0.0.1:{port}", "--workers", str(workers), "--threads", str(threads)],
                                 stdout=log, stderr=subprocess.STDOUT, env=env)
         load = _Load(port, clients, rate, seed)
         samples: list[dict] = []
         try:
             _wait_ready(port, proc, 180)
+            time.sleep(0.5)  # the readiness probe's own thread has returned to the pool
+            idle = sample(proc.pid)
             started = time.monotonic()
-            threads = load.run()
+            client_threads = load.run()
             while time.monotonic() - started < duration:
                 samples.append(sample(proc.pid))
                 if progress:
                     progress(samples[-1], load)
                 time.sleep(min(interval, max(0.0, duration - (time.monotonic() - started))))
             samples.append(sample(proc.pid))
-            load.stop(threads)
+            load.stop(client_threads)
             elapsed = time.monotonic() - started
         finally:
             if proc.poll() is None:
@@ -220,10 +226,11 @@ def run_soak(*, duration: float, clients: int = 8, rate: float = 30.0, interval:
                     proc.kill()
                     proc.wait()
             log.close()
-    return _verdict(samples, started, elapsed, warmup, load, max_rss_growth_mb, clients, rate)
+    limit = idle["threads"] + workers * min(threads, clients)
+    return _verdict(samples, started, elapsed, warmup, load, max_rss_growth_mb, clients, rate, idle, limit)
 
 
-def _verdict(samples, started, elapsed, warmup, load, max_rss_growth_mb, clients, rate) -> dict:
+def _verdict(samples, started, elapsed, warmup, load, max_rss_growth_mb, clients, rate, idle, limit) -> dict:
     steady = [s for s in samples if s["t"] - started >= warmup] or samples[-2:]
     per_min = {}
     for key in ("rss_mb", "threads", "fds"):
@@ -241,7 +248,8 @@ def _verdict(samples, started, elapsed, warmup, load, max_rss_growth_mb, clients
         "rss_mb": {"start": round(samples[0]["rss_mb"], 1), "steady_first": round(first["rss_mb"], 1),
                    "end": round(last["rss_mb"], 1), "max": round(max(s["rss_mb"] for s in steady), 1),
                    "slope_per_min": round(per_min["rss_mb"], 3)},
-        "threads": {"steady_first": first["threads"], "end": last["threads"],
+        "threads": {"idle": idle["threads"], "limit": limit, "steady_first": first["threads"],
+                    "end": last["threads"], "series": [s["threads"] for s in samples],
                     "max": max(s["threads"] for s in steady), "slope_per_min": round(per_min["threads"], 3)},
         "fds": {"steady_first": first["fds"], "end": last["fds"], "max": max(s["fds"] for s in steady),
                 "slope_per_min": round(per_min["fds"], 3)},
@@ -252,8 +260,9 @@ def _verdict(samples, started, elapsed, warmup, load, max_rss_growth_mb, clients
         problems.append(f"{load.error_count} failed requests")
     if result["worker_restarts"]:
         problems.append("a worker was replaced")
-    if last["threads"] > first["threads"] + 2:
-        problems.append(f"threads grew {first['threads']} -> {last['threads']}")
+    if max(s["threads"] for s in samples) > limit:
+        problems.append(f"threads reached {max(s['threads'] for s in samples)}, above the limit {limit} "
+                        f"(idle {idle['threads']} + workers x min(threads, clients))")
     if last["fds"] > first["fds"] + 4:
         problems.append(f"fds grew {first['fds']} -> {last['fds']}")
     if result["rss_mb"]["max"] - first["rss_mb"] > max_rss_growth_mb:
@@ -272,6 +281,7 @@ def main() -> int:
     p.add_argument("--warmup", type=float, default=60.0, help="seconds left out of the slope fit")
     p.add_argument("--config", help="vecshim YAML (default: the bundled model, cache off)")
     p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--threads", type=int, default=64, help="gunicorn threads per worker")
     p.add_argument("--max-rss-growth-mb", type=float, default=50.0)
     p.add_argument("--json", help="also write the result here")
     p.add_argument("--quiet", action="store_true")
@@ -283,7 +293,7 @@ def main() -> int:
                   f"ok {load.ok:7d}  errors {load.error_count}", file=sys.stderr, flush=True)
 
     result = run_soak(duration=args.duration, clients=args.clients, rate=args.rate, interval=args.interval,
-                      warmup=args.warmup, config=args.config, workers=args.workers,
+                      warmup=args.warmup, config=args.config, workers=args.workers, threads=args.threads,
                       max_rss_growth_mb=args.max_rss_growth_mb, progress=progress)
     text = json.dumps(result, indent=2)
     print(text)

@@ -8,7 +8,7 @@ hosted backends). Models load in each worker after fork (no preload).
 """
 import os
 
-from vecshim.server import DEFAULTS, HOOKS, prepare_metrics_dir, remove_metrics_dir
+from vecshim.server import DEFAULTS, HOOKS, logconfig_for, prepare_metrics_dir, remove_metrics_dir
 
 # Before any worker imports prometheus_client: one folder shared by all workers.
 _metrics_dir = prepare_metrics_dir()
@@ -23,6 +23,8 @@ graceful_timeout = DEFAULTS["graceful_timeout"]
 preload_app = False
 accesslog = None                           # the app logs each request in its own format
 errorlog = "-"
+# The master's lines in the same format (text or JSON, `logging:` of the config) as the workers'.
+logconfig_dict = logconfig_for(os.environ.get("VECSHIM_CONFIG"))
 control_socket_disable = True
 max_requests = int(os.environ.get("VECSHIM_MAX_REQUESTS", "0"))   # worker recycling, 0 = off
 max_requests_jitter = int(os.environ.get("VECSHIM_MAX_REQUESTS_JITTER", "0"))

@@ -1,11 +1,14 @@
 """The real `vecshim` console script, run as a subprocess."""
 from __future__ import annotations
 
+import argparse
+import io
 import json
 import os
 import subprocess
 import textwrap
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -13,7 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import VENV_BIN, vecshim_serve
+from conftest import VENV_BIN, free_port, stop_process, vecshim_serve
 from fakebackend import fake_vector
 from vecshim import __version__
 from vecshim.server import DEFAULTS, VecshimServer, read_gunicorn_config
@@ -93,11 +96,11 @@ def test_config_check_bad_file(tmp_path):
     proc = run("config", "check", str(path))
     assert proc.returncode == 2
     assert proc.stdout == ""
-    lines = proc.stderr.splitlines()
-    assert lines[0] == "config error:"
-    assert sorted(lines[1:]) == [
-        "bogus: Extra inputs are not permitted",
-        "models.m.long_text: Input should be 'chunk_mean', 'truncate' or 'error'",
+    assert sorted(proc.stderr.splitlines()) == [
+        f"{path}: bogus: unknown key",
+        f"{path}: models.m.backend: unknown backend 'fake'; installed backends: cohere, openai, "
+        "sentence-transformers",
+        f"{path}: models.m.long_text: Input should be 'chunk_mean', 'truncate' or 'error'",
     ]
 
 
@@ -106,7 +109,7 @@ def test_config_check_bad_backend_options(tmp_path):
     path.write_text("models:\n  st:\n    backend: sentence-transformers\n    options: {model: x, devise: cpu}\n")
     proc = run("config", "check", str(path))
     assert (proc.returncode, proc.stdout) == (2, "")
-    assert "models.st.options.devise: Extra inputs are not permitted" in proc.stderr.splitlines()
+    assert f"{path}: models.st.options.devise: unknown key (did you mean 'device'?)" in proc.stderr.splitlines()
 
 
 def test_config_check_unset_variable(tmp_path):
@@ -122,7 +125,8 @@ def test_config_check_unknown_backend(tmp_path):
     path.write_text("plugins: {entrypoints: false}\nmodels:\n  m: {backend: openia}\n")
     proc = run("config", "check", str(path))
     assert (proc.returncode, proc.stdout) == (2, "")
-    assert "unknown backend 'openia'; installed backends: cohere, openai, sentence-transformers" in proc.stderr
+    assert proc.stderr.splitlines() == [f"{path}: models.m.backend: unknown backend 'openia'; installed backends: "
+                                        "cohere, openai, sentence-transformers (did you mean 'openai'?)"]
 
 
 def test_config_check_missing_sdk_names_pip_extra(tmp_path):
@@ -146,7 +150,7 @@ def test_config_check_missing_sdk_names_pip_extra(tmp_path):
     path.write_text("plugins: {dirs: [plugins]}\nmodels:\n  x: {backend: needs-xyz}\n")
     proc = run("config", "check", str(path), cwd="/")
     assert (proc.returncode, proc.stdout) == (2, "")
-    assert "models.x: backend 'needs-xyz' needs: pip install 'vecshim[xyz]'" in proc.stderr.splitlines()
+    assert f"{path}: models.x: backend 'needs-xyz' needs: pip install 'vecshim[xyz]'" in proc.stderr.splitlines()
 
 
 def test_config_check_missing_file(tmp_path):
@@ -168,6 +172,163 @@ def test_config_check_broken_plugin_is_a_config_error(tmp_path):
     assert_no_traceback(proc)
 
 
+def test_config_check_reports_six_different_mistakes_in_one_run(fake_conf, tmp_path):
+    empty_key = tmp_path / "empty.key"
+    empty_key.write_text("  \n")
+    path = fake_conf({
+        "a": {"backend": "fake", "batch": {"max_wiat_ms": 5}},                       # 1 unknown key
+        "b": {"backend": "faek"},                                                    # 2 unknown backend
+        "c": {"backend": "fake", "options": {"dimm": 8}},                            # 3 unknown option
+        "d": {"backend": "fake", "fallbacks": ["ghost"]},                            # 4 fallback to nothing
+        "e": {"backend": "openai", "options": {"model": "m", "api_key": "${NO_SUCH_VAR_17}"}},  # 5 unset var
+        "f": {"backend": "cohere", "options": {"api_key_file": str(empty_key)}},    # 6 empty key file
+    }, default_model="a")
+    proc = run("config", "check", str(path), cwd="/")
+    assert (proc.returncode, proc.stdout) == (2, "")
+    lines = proc.stderr.splitlines()
+    assert sorted(lines) == sorted([
+        f"{path}: models.a.batch.max_wiat_ms: unknown key (did you mean 'max_wait_ms'?)",
+        f"{path}: models.b.backend: unknown backend 'faek'; installed backends: broken, cohere, fake, openai, "
+        "sentence-transformers (did you mean 'fake'?)",
+        f"{path}: models.c.options.dimm: unknown key (did you mean 'dim'?)",
+        f"{path}: models.d.fallbacks.0: 'ghost' is not another configured model",
+        f"{path}: models.e.options.api_key: environment variable NO_SUCH_VAR_17 is not set",
+        f"{path}: models.f.options.api_key_file: backend 'cohere': api_key_file {str(empty_key)!r} is empty",
+    ]), proc.stderr
+    assert_no_traceback(proc)
+
+
+HOSTED_KEY_VARS = {"OPENAI_API_KEY": "", "AZURE_OPENAI_API_KEY": "", "CO_API_KEY": "", "COHERE_API_KEY": ""}
+
+
+def test_config_check_missing_hosted_key(tmp_path):
+    path = tmp_path / "hosted.yaml"
+    path.write_text("models:\n  o: {backend: openai, options: {model: text-embedding-3-small}}\n")
+    proc = run("config", "check", str(path), env=HOSTED_KEY_VARS)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr.splitlines() == [
+        f"{path}: models.o.options.api_key: no API key: set options.api_key, options.api_key_file or "
+        "OPENAI_API_KEY (none is set or all are empty)"]
+    # The same file passes once the key is in the environment; a base_url server needs none.
+    assert run("config", "check", str(path), env={"OPENAI_API_KEY": "sk-test"}).returncode == 0
+    path.write_text("models:\n  o: {backend: openai, options: {model: m, base_url: 'http://127.0.0.1:9/v1'}}\n")
+    assert run("config", "check", str(path), env=HOSTED_KEY_VARS).returncode == 0
+
+
+def test_config_check_optional_model_problems_are_warnings(fake_conf):
+    path = fake_conf({"main": {"backend": "fake"},
+                      "extra": {"backend": "openai", "required": False, "options": {"model": "m"}},
+                      "later": {"backend": "cohere", "required": False,
+                                "options": {"api_key": "${NO_SUCH_VAR_17}"}}}, default_model="main")
+    proc = run("config", "check", str(path), cwd="/", env=HOSTED_KEY_VARS)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["ok: 3 model(s): extra, later, main; default 'main'"]
+    assert sorted(proc.stderr.splitlines()) == [
+        f"{path}: models.extra.options.api_key: warning: no API key: set options.api_key, options.api_key_file "
+        "or OPENAI_API_KEY (none is set or all are empty) (required: false: the model will be unavailable)",
+        f"{path}: models.later.options.api_key: warning: environment variable NO_SUCH_VAR_17 is not set "
+        "(required: false: the model will be unavailable)",
+    ]
+    # A required default model cannot be optional: that stays an error.
+    path = fake_conf({"main": {"backend": "fake", "required": False}})
+    proc = run("config", "check", str(path), cwd="/")
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [f"{path}: models.main.required: the default model must be required "
+                                        "(Weaviate's /vectors calls it)"]
+
+
+def test_config_check_key_file_problems(tmp_path):
+    folder = tmp_path / "a-directory"
+    folder.mkdir()
+    path = tmp_path / "keys.yaml"
+    path.write_text(yaml.safe_dump({"models": {
+        "gone": {"backend": "openai", "options": {"model": "m", "api_key_file": str(tmp_path / "missing.key")}},
+        "dir": {"backend": "cohere", "options": {"api_key_file": str(folder)}}}}))
+    proc = run("config", "check", str(path), env=HOSTED_KEY_VARS)
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert sorted(proc.stderr.splitlines()) == [
+        f"{path}: models.dir.options.api_key_file: backend 'cohere': cannot read api_key_file "
+        f"{str(folder)!r}: Is a directory",
+        f"{path}: models.gone.options.api_key_file: backend 'openai': cannot read api_key_file "
+        f"{str(tmp_path / 'missing.key')!r}: No such file or directory",
+    ]
+
+
+def test_config_check_fallback_into_another_vector_space(fake_conf):
+    path = fake_conf({"a": {"backend": "fake", "options": {"dim": 8}, "fallbacks": ["b"]},
+                      "b": {"backend": "fake", "options": {"dim": 16}}})
+    proc = run("config", "check", str(path), cwd="/")
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr.splitlines() == [
+        f"{path}: models.a.fallbacks.0: 'b' embeds into a different vector space (backend.dim: 8 vs 16)"]
+
+
+def test_config_check_plugin_and_model_problems_together(tmp_path):
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "wrongargs.py").write_text(
+        "from vecshim import hookimpl\n\n@hookimpl\ndef register_backends(registry):\n    pass\n")
+    (tmp_path / "plugins" / "crashes.py").write_text("raise ImportError('no module named acme')\n")
+    path = tmp_path / "c.yaml"
+    path.write_text("plugins: {dirs: [plugins, nowhere], entrypoints: false}\n"
+                    "models:\n  m: {backend: sentence-transformers, options: {runtim: onnx}}\n")
+    proc = run("config", "check", str(path))
+    assert (proc.returncode, proc.stdout) == (2, "")
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 4, lines
+    assert any(line.startswith(f"{path}: plugins.dirs.0: plugin file ") and "crashes.py failed to import: "
+               "ImportError: no module named acme" in line for line in lines)
+    assert any(line.startswith(f"{path}: plugins.dirs.0: plugin 'wrongargs'") for line in lines)
+    assert f"{path}: plugins.dirs.1: {tmp_path / 'nowhere'} is not a directory" in lines
+    assert f"{path}: models.m.options.runtim: unknown key (did you mean 'runtime'?)" in lines
+    assert_no_traceback(proc)
+
+
+def test_serve_missing_hosted_key_exits_2_with_the_check_lines(tmp_path):
+    path = tmp_path / "hosted.yaml"
+    path.write_text("models:\n  o: {backend: openai, options: {model: text-embedding-3-small}}\n")
+    check = run("config", "check", str(path), env=HOSTED_KEY_VARS)
+    proc = run("serve", "--config", str(path), "--bind", "127.0.0.1:0", env=HOSTED_KEY_VARS, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == check.stderr.splitlines()
+    assert "no API key" in proc.stderr
+    assert "Booting worker" not in proc.stderr + proc.stdout
+    assert_no_traceback(proc)
+
+
+def test_serve_upstream_down_keeps_retrying_and_stays_unready(tmp_path):
+    """A transient failure (nothing listens at base_url) is not a config error: serve stays up at 503."""
+    path = tmp_path / "down.yaml"
+    path.write_text("models:\n  o:\n    backend: openai\n    options: {model: m, base_url: 'http://127.0.0.1:9/v1'}\n"
+                    "    retry: {max_attempts: 1}\n")
+    assert run("config", "check", str(path), env=HOSTED_KEY_VARS).returncode == 0
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **HOSTED_KEY_VARS)
+    proc = subprocess.Popen([VECSHIM, "serve", "--config", str(path), "--bind", f"127.0.0.1:{port}"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        status = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/.well-known/ready", timeout=5) as r:
+                    status = r.status
+            except urllib.error.HTTPError as err:
+                status = err.code
+                err.close()
+                break
+            except OSError:
+                time.sleep(0.3)
+        assert status == 503
+        time.sleep(3)  # a retry or two later it is still running, still unready
+        assert proc.poll() is None
+        with pytest.raises(urllib.error.HTTPError) as excinfo:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/.well-known/ready", timeout=5)
+        excinfo.value.close()
+        assert excinfo.value.code == 503
+    finally:
+        stop_process(proc)
+
+
 # -- backends ---------------------------------------------------------------------------
 
 def test_backends_json_lists_builtins_with_their_plugin():
@@ -181,7 +342,10 @@ def test_backends_json_lists_builtins_with_their_plugin():
         "cohere": "vecshim.backends.cohere_api",
     }
     assert by_name["openai"]["class"] == "vecshim.backends.openai_api.OpenAIBackend"
-    assert "api_key" in by_name["openai"]["options"]
+    opts = by_name["openai"]["options"]
+    assert opts["model"] == {"type": "str", "required": True}
+    assert opts["timeout_s"] == {"type": "float", "required": False, "default": 20.0}
+    assert opts["api_key"] == {"type": "SecretStr | None", "required": False, "default": None}
     plugins = {p["name"]: p for p in out["plugins"]}
     assert plugins["vecshim.backends.local"] == {"name": "vecshim.backends.local", "version": __version__,
                                                  "hooks": ["register_backends"]}
@@ -190,9 +354,53 @@ def test_backends_json_lists_builtins_with_their_plugin():
 def test_backends_with_config_plugin_dir(fake_conf):
     proc = run("backends", "--config", str(fake_conf()), cwd="/")
     assert proc.returncode == 0, proc.stderr
-    rows = {line.split()[0]: line.split()[1] for line in proc.stdout.splitlines()}
-    assert rows["fake"] == "fakes_plugin"
-    assert rows["sentence-transformers"] == "vecshim.backends.local"
+    heads = [line for line in proc.stdout.splitlines() if not line.startswith(" ")]
+    assert "fake  (plugin fakes_plugin)" in heads
+    assert "sentence-transformers  (plugin vecshim.backends.local)" in heads
+
+
+def test_backends_text_shows_option_types_and_defaults():
+    proc = run("backends")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    block = lines[lines.index("openai  (plugin vecshim.backends.openai_api)") + 1:]
+    block = block[:next((i for i, line in enumerate(block) if not line.startswith(" ")), len(block))]
+    assert "    model: str  (required)" in block
+    assert "    timeout_s: float  (default 20.0)" in block
+    assert "    max_batch_size: int  (default 2048)" in block
+
+
+def test_backends_json_into_head_ends_quietly():
+    # `true` exits long before vecshim has imported anything, so its output meets a closed pipe.
+    proc = subprocess.run(f"{VECSHIM} backends --json | true; echo \"rc=${{PIPESTATUS[0]}}\"", shell=True,
+                          executable="/bin/bash", capture_output=True, text=True, timeout=60)
+    assert proc.stderr == ""
+    assert proc.stdout.strip() == "rc=141"
+    # And a reader that takes some of it first.
+    proc = subprocess.run(f"{VECSHIM} backends --json | head -c 10", shell=True, executable="/bin/bash",
+                          capture_output=True, text=True, timeout=60)
+    assert (proc.stdout, proc.stderr) == ('{\n  "backe', "")
+
+
+def test_every_argument_has_help_and_every_command_an_example():
+    from vecshim.cli import build_parser
+
+    def walk(parser, name):
+        yield name, parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    yield from walk(sub, f"{name} {sub_name}")
+
+    seen = []
+    for name, parser in walk(build_parser(), "vecshim"):
+        seen.append(name)
+        assert parser.epilog and "example:\n  vecshim" in parser.epilog, name
+        for action in parser._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                assert action.help, f"{name} {action.option_strings or action.dest}"
+    assert {"vecshim serve", "vecshim config check", "vecshim backends", "vecshim embed",
+            "vecshim plugin new"} <= set(seen)
 
 
 def test_backends_with_config_disable(tmp_path):
@@ -223,8 +431,113 @@ def test_embed_stdin_lines(fake_conf):
                "--task", "query", input="first line\n\nsecond line\n")
     assert proc.returncode == 0, proc.stderr
     rows = vectors(proc.stdout)
-    assert [r["text"] for r in rows] == ["first line", "second line"]
-    np.testing.assert_allclose(rows[1]["vector"], fake_vector("second line", "query", 16), rtol=1e-6)
+    assert [r["text"] for r in rows] == ["first line", "", "second line"]
+    assert rows[1] == {"text": "", "vector": None, "error": "blank line"}
+    np.testing.assert_allclose(rows[2]["vector"], fake_vector("second line", "query", 16), rtol=1e-6)
+    assert "1 line(s) had no text" in proc.stderr
+
+
+def lines_of(n: int) -> list[str]:
+    """n distinct texts of varied length, with blank lines mixed in."""
+    return ["" if i % 97 == 13 else f"line {i} " + "word " * (i % 23) for i in range(n)]
+
+
+def test_embed_output_is_line_aligned_float32_jsonl(fake_conf):
+    texts = lines_of(2500)  # more than two chunks, so chunks overlap and reorder inside
+    proc = run("embed", "-c", str(fake_conf()), input="".join(t + "\n" for t in texts))
+    assert proc.returncode == 0, proc.stderr
+    rows = vectors(proc.stdout)
+    assert len(rows) == len(texts)
+    for text, row in zip(texts, rows):
+        assert row["text"] == text
+        if not text:
+            assert (row["vector"], row["error"]) == (None, "blank line")
+            continue
+        # float32 written in its shortest exact form: parsing gives back the very same float32 numbers.
+        got = np.asarray(row["vector"], dtype=np.float32)
+        assert np.array_equal(got, fake_vector(text, "passage", 8))
+    assert proc.stdout.count(", ") == 0  # compact
+
+
+def test_embed_jsonl_input_keeps_ids_and_flags_bad_lines(fake_conf, tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"doc": 7, "body": "alpha"}\n'
+                      '\n'
+                      'not json\n'
+                      '{"doc": "x-9", "title": "no body"}\n'
+                      '{"doc": null, "body": "beta"}\n')
+    proc = run("embed", "-c", str(fake_conf()), "--input", str(source), "--input-format", "jsonl",
+               "--text-field", "body", "--id-field", "doc")
+    assert proc.returncode == 0, proc.stderr
+    rows = vectors(proc.stdout)
+    assert [r["doc"] for r in rows] == [7, None, None, "x-9", None]
+    assert np.array_equal(np.float32(rows[0]["vector"]), fake_vector("alpha", "passage", 8))
+    assert np.array_equal(np.float32(rows[4]["vector"]), fake_vector("beta", "passage", 8))
+    assert rows[1]["error"] == "blank line"
+    assert rows[2]["error"].startswith("invalid JSON")
+    assert rows[3]["error"] == "no non-empty string field 'body'"
+    assert [r["vector"] is None for r in rows] == [False, True, True, True, False]
+
+
+def test_embed_npy_round_trips_float32_rows_in_line_order(fake_conf, tmp_path):
+    texts = lines_of(1500)
+    out = tmp_path / "v.npy"
+    proc = run("embed", "-c", str(fake_conf()), "--format", "npy", "-o", str(out),
+               input="".join(t + "\n" for t in texts))
+    assert proc.returncode == 0, proc.stderr
+    matrix = np.load(out)
+    assert (matrix.dtype, matrix.shape) == (np.dtype("<f4"), (len(texts), 8))
+    for text, row in zip(texts, matrix):
+        if text:
+            assert np.array_equal(row, fake_vector(text, "passage", 8))
+        else:
+            assert np.isnan(row).all()
+    # To a pipe (not seekable) the same matrix arrives.
+    piped = subprocess.run([VECSHIM, "embed", "-c", str(fake_conf()), "--format", "npy"], capture_output=True,
+                           input="".join(t + "\n" for t in texts).encode(), timeout=60,
+                           env=dict(os.environ, PYTHONPATH=str(TESTS), HF_HUB_OFFLINE="1"))
+    assert piped.returncode == 0, piped.stderr
+    assert np.array_equal(np.load(io.BytesIO(piped.stdout)), matrix, equal_nan=True)
+
+
+def test_embed_parquet_keeps_lines_ids_and_float32(fake_conf, tmp_path):
+    pq = pytest.importorskip("pyarrow.parquet")  # the parquet extra; `make setup` installs it
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": 7, "text": "alpha"}\n\n{"id": "x-9", "text": "beta gamma"}\n')
+    out = tmp_path / "v.parquet"
+    proc = run("embed", "-c", str(fake_conf()), "--input", str(source), "--input-format", "jsonl",
+               "--format", "parquet", "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    table = pq.read_table(out)
+    assert str(table.schema.field("vector").type) == "fixed_size_list<element: float>[8]"
+    rows = table.to_pylist()
+    assert [(r["line"], r["id"], r["error"]) for r in rows] == [(1, "7", None), (2, None, "blank line"),
+                                                              (3, "x-9", None)]
+    assert rows[1]["vector"] is None
+    assert np.array_equal(np.asarray(rows[2]["vector"], dtype=np.float32), fake_vector("beta gamma", "passage", 8))
+
+
+def test_embed_a_failing_text_fails_only_its_own_line(fake_conf):
+    path = fake_conf({"f": {"backend": "fake", "options": {"fail_on": "poison"}}})
+    texts = ["ok one", "a poison pill", "ok two"]
+    proc = run("embed", "-c", str(path), input="".join(t + "\n" for t in texts))
+    assert proc.returncode == 1
+    rows = vectors(proc.stdout)
+    assert [r["text"] for r in rows] == texts
+    assert rows[1]["vector"] is None and "refuses texts containing 'poison'" in rows[1]["error"]
+    assert np.array_equal(np.float32(rows[0]["vector"]), fake_vector("ok one", "passage", 16))
+    assert np.array_equal(np.float32(rows[2]["vector"]), fake_vector("ok two", "passage", 16))
+    assert "error: 1 line(s) could not be embedded" in proc.stderr
+    assert_no_traceback(proc)
+
+
+def test_embed_into_a_closed_pipe_ends_quietly(fake_conf):
+    proc = subprocess.run(f"yes hello | head -n 5000 | {VECSHIM} embed -c {fake_conf()} | head -n 2 >/dev/null; "
+                          f"echo \"rc=${{PIPESTATUS[2]}}\"", shell=True, executable="/bin/bash",
+                          capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(TESTS), HF_HUB_OFFLINE="1"))
+    assert proc.stdout.strip() == "rc=141"
+    assert proc.stderr == ""
 
 
 def test_embed_unknown_model_is_a_clean_error(fake_conf):

@@ -124,10 +124,10 @@ def test_unknown_keys_are_rejected_with_their_paths():
     with pytest.raises(ConfigError) as excinfo:
         parse_config(data, env={})
     assert sorted(error_lines(excinfo)) == [
-        "bogus: Extra inputs are not permitted",
-        "models.m.batch.max_sise: Extra inputs are not permitted",
-        "models.m.batchh: Extra inputs are not permitted",
-        "server.auth.tokens: Extra inputs are not permitted",
+        "bogus: unknown key",
+        "models.m.batch.max_sise: unknown key (did you mean 'max_size'?)",
+        "models.m.batchh: unknown key (did you mean 'batch'?)",
+        "server.auth.tokens: unknown key (did you mean 'embed_tokens'?)",
     ]
 
 
@@ -159,11 +159,11 @@ def test_default_model_is_the_first_model():
 def test_fallback_naming_a_missing_model():
     with pytest.raises(ConfigError) as excinfo:
         parse_config({"models": {"a": {"backend": "fake", "fallbacks": ["ghost"]}}}, env={})
-    assert error_lines(excinfo) == ["models.a.fallbacks: 'ghost' is not another configured model"]
+    assert error_lines(excinfo) == ["models.a.fallbacks.0: 'ghost' is not another configured model"]
 
 
 def test_fallback_naming_itself():
-    with pytest.raises(ConfigError, match=r"^models\.a\.fallbacks: 'a' is not another"):
+    with pytest.raises(ConfigError, match=r"^models\.a\.fallbacks\.0: 'a' is not another"):
         parse_config({"models": {"a": {"backend": "fake", "fallbacks": ["a"]}}}, env={})
 
 
@@ -177,14 +177,14 @@ def test_bad_model_name():
 def test_backend_options_validated_by_the_backends_options_model():
     with pytest.raises(ConfigError) as excinfo:
         build({"models": {"f": {"backend": "fake", "options": {"dim": 8, "dimm": 9}}}})
-    assert error_lines(excinfo) == ["models.f.options.dimm: Extra inputs are not permitted"]
+    assert error_lines(excinfo) == ["models.f.options.dimm: unknown key (did you mean 'dim'?)"]
 
 
 def test_builtin_backend_options_are_strict():
     cfg = {"models": {"st": {"backend": "sentence-transformers", "options": {"modle": "x"}}}}
     with pytest.raises(ConfigError) as excinfo:
         build(cfg)
-    assert error_lines(excinfo) == ["models.st.options.modle: Extra inputs are not permitted"]
+    assert error_lines(excinfo) == ["models.st.options.modle: unknown key (did you mean 'model'?)"]
 
 
 def test_backend_option_types_are_checked():
@@ -239,8 +239,25 @@ def test_secrets_finds_keys_tokens_and_redis_password():
         "server": {"auth": {"embed_tokens": ["embed-tok"], "metrics_tokens": ["metrics-tok"]}},
         "cache": {"redis_url": "redis://user:pa:ss@redis:6379/0"},
     }, env={"OPENAI_API_KEY": "sk-openai"})
-    assert sorted(cfg.secrets()) == sorted(["sk-openai", "co-secret-1", "hunter22", "tok-123",
-                                            "embed-tok", "metrics-tok", "pa:ss"])
+    found = set(cfg.secrets())
+    assert {"sk-openai", "co-secret-1", "hunter22", "tok-123", "embed-tok", "metrics-tok", "pa:ss"} <= found
+    assert "not-a-secret" not in found and "m" not in found
+    # Basic auth would send the URL's user:password base64-encoded: that is a secret too.
+    assert "user:pa:ss" in found and "dXNlcjpwYTpzcw==" in found
+
+
+def test_secrets_finds_credentials_in_any_url_and_nested_options():
+    cfg = parse_config({
+        "models": {
+            "o": {"backend": "openai", "options": {"model": "m", "base_url": "http://svc:Pw%2Fd9x@host/v1"}},
+            "p": {"backend": "fake", "options": {"upstream": {"headers": {"X-Auth-Token": "hdr-secret-77"}},
+                                                 "mirrors": ["https://tok3n-only-user@mirror/x"],
+                                                 "api_key_file": "/run/secrets/key"}},
+        },
+    })
+    found = set(cfg.secrets())
+    assert {"Pw%2Fd9x", "Pw/d9x", "hdr-secret-77", "tok3n-only-user"} <= found
+    assert "/run/secrets/key" not in found  # a key file's path; its content is registered when read
 
 
 def test_secrets_ignores_short_and_empty_values_and_keyless_redis():

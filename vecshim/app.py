@@ -30,6 +30,7 @@ __all__ = ["create_app", "State", "build_models"]
 
 log = logging.getLogger("vecshim.app")
 _SLASHES = re.compile(r"/{2,}")
+_PROBES = ("/.well-known/live", "/.well-known/ready")
 
 
 class State:
@@ -43,6 +44,9 @@ class State:
         self.cache = cache
         self.stats = stats
         self.draining = False
+        #: HTTP requests being handled right now (for the drain summary on SIGTERM).
+        self.in_flight = 0
+        self._in_flight_lock = threading.Lock()
         self.plugins = plugin_infos(pm)
         for m in models.values():
             m.on_ready = m.on_change = self.render_meta
@@ -96,7 +100,12 @@ class State:
         return None
 
     def render_meta(self) -> None:
-        """Pre-render /meta for the server and each model (on startup and state changes)."""
+        """Pre-render /meta for the server and each model (on startup and state changes); update state gauges."""
+        if self.stats is not None:
+            for name, m in self.models.items():
+                self.stats.set_model_state(name, m.state)
+                if m.resilience is not None:
+                    self.stats.track_circuit(name, lambda m=m: m.resilience.state)
         infos = {name: m.info() for name, m in self.models.items()}
         root = {
             "vecshim_version": __version__,
@@ -145,7 +154,8 @@ class State:
                         m.backend.close()
                     except Exception:
                         log.debug("closing model %r after a failed load also failed", m.name, exc_info=True)
-                    log.error("model %r failed to load: %s (retrying in %.0f s)", m.name, m.error, delay)
+                    log.error("model %r failed to load: %s (retrying in %.0f s)", m.name, m.error, delay,
+                              extra={"model": m.name})
                     failed.append(m)
                 self.render_meta()
             pending = failed
@@ -161,6 +171,10 @@ class State:
                     m.fallbacks.remove(fb)
                     log.error("model %r: fallback %r has a different vector space (%s != %s); disabled",
                               m.name, fb.name, fb.fingerprint, m.fingerprint)
+
+    def queued(self) -> int:
+        """Texts queued or being embedded, over every model."""
+        return sum(m.batcher.busy for m in self.models.values() if m.batcher is not None)
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop loading, drain every model's queue, close the cache."""
@@ -242,6 +256,10 @@ def _register_errors(app: Flask) -> None:
         return json_response({"error": f"{err.code} {err.name}: {err.description}"}, err.code or 500, headers)
 
     def unexpected(err: Exception):
+        if type(err).__module__.startswith("gunicorn.http"):
+            # A body gunicorn could not read (bad chunk, early end): the client's fault. Only
+            # reachable where vecshim's worker does not pre-read requests (TLS, HTTP/2).
+            return json_response({"error": f"malformed request body ({type(err).__name__})"}, 400)
         log.exception("unhandled error")
         return json_response({"error": f"internal error ({type(err).__name__}); see the server log"}, 500)
 
@@ -255,6 +273,11 @@ def _register_request_hooks(app: Flask, state: State) -> None:
 
     @app.before_request
     def start_request():
+        with state._in_flight_lock:
+            state.in_flight += 1
+        g.vecshim_counted = True
+        if state.stats is not None:
+            state.stats.in_flight.inc()
         g.vecshim_start = time.perf_counter()
         g.request_id = new_request_id(request.headers.get("X-Request-ID"))
         request_id_var.set(g.request_id)
@@ -268,11 +291,21 @@ def _register_request_hooks(app: Flask, state: State) -> None:
         if state.stats is not None:
             state.stats.requests.labels(route, model, str(response.status_code)).inc()
             state.stats.latency.labels(route, model).observe(elapsed)
-        access.info("%s %s %d %.1f ms", request.method, request.path, response.status_code, elapsed * 1000,
-                    extra={"method": request.method, "path": request.path, "status": response.status_code,
-                           "ms": round(elapsed * 1000, 2), "model": model, "remote": request.remote_addr,
-                           "bytes": response.calculate_content_length()})
+        # Probes arrive every few seconds from every kubelet and load balancer: DEBUG detail.
+        level = logging.DEBUG if route.endswith(_PROBES) else logging.INFO
+        access.log(level, "%s %s %d %.1f ms", request.method, request.path, response.status_code, elapsed * 1000,
+                   extra={"method": request.method, "path": request.path, "status": response.status_code,
+                          "ms": round(elapsed * 1000, 2), "model": model, "remote": request.remote_addr,
+                          "bytes": response.calculate_content_length()})
         return response
+
+    @app.teardown_request
+    def end_request(exc):
+        if g.pop("vecshim_counted", False):
+            with state._in_flight_lock:
+                state.in_flight -= 1
+            if state.stats is not None:
+                state.stats.in_flight.dec()
 
 
 def create_app(config: Config | dict | str | os.PathLike | None = None, *, plugins: Iterable[object] = (),

@@ -99,6 +99,14 @@ class Backend(ABC):
     def load(self) -> None:
         """Do heavy start-up work (import SDKs, load weights, open clients)."""
 
+    def preflight(self) -> list[tuple[str, str]]:
+        """Return problems visible without loading, as (option, problem) pairs.
+
+        Called by `vecshim config check` and before `vecshim serve` starts
+        workers: a missing API key, an unreadable key file. Cheap, no network.
+        """
+        return []
+
     def info(self) -> dict[str, Any]:
         """Return JSON-safe facts for `/meta` (model id, revision...). Never secrets."""
         return {}

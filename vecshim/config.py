@@ -1,11 +1,13 @@
 """Configuration: one YAML file, `${VAR}` expansion, strict pydantic validation."""
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -17,13 +19,17 @@ from .resilience import CircuitPolicy, RetryPolicy
 __all__ = [
     "Config", "ModelConfig", "BatchConfig", "CacheConfig", "ServerConfig",
     "load_config", "parse_config", "expand_env", "format_validation_error",
-    "DEFAULT_MODEL_NAME", "ENV_CONFIG",
+    "DEFAULT_MODEL_NAME", "ENV_CONFIG", "cross_field_problems", "did_you_mean", "CHECK_CONTEXT",
 ]
 
 ENV_CONFIG = "VECSHIM_CONFIG"
 DEFAULT_MODEL_NAME = "minilm"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}|\$\$")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_SECRET_KEY = re.compile(r"key|token|secret|password|passwd|credential|auth", re.I)
+#: Validation context under which Config skips its cross-field rules
+#: (vecshim.check reports those itself, next to the schema errors).
+CHECK_CONTEXT = {"vecshim_skip_cross_field": True}
 
 
 class _PathError(ValueError):
@@ -47,6 +53,11 @@ class BatchConfig(_Strict):
     workers: int | None = Field(None, ge=1, le=64)
     #: Queued texts beyond which requests get a fast 503 with Retry-After.
     max_queue: int = Field(4096, ge=1)
+    #: Most tokens (long-text windows included) one request may bring (413 beyond).
+    #: None: 65,536 for a model computed in-process, 1,048,576 for a hosted one.
+    max_request_tokens: int | None = Field(None, ge=1)
+    #: Queued tokens beyond which requests above one text's worth get a 503 (None: 4 x max_request_tokens).
+    max_queue_tokens: int | None = Field(None, ge=1)
 
 
 class PrefixConfig(_Strict):
@@ -124,6 +135,10 @@ class ServerConfig(_Strict):
     """Request limits and auth."""
 
     max_request_mb: float = Field(16, gt=0)
+    #: Longest pause while a request's headers and body arrive (408 beyond; gunicorn only).
+    read_timeout_s: float = Field(5.0, gt=0, le=300)
+    #: Longest time to receive one whole request once it began (408 beyond; gunicorn only).
+    read_total_s: float = Field(30.0, gt=0, le=600)
     max_texts_per_request: int = Field(2048, ge=1)
     max_text_chars: int = Field(1_000_000, ge=1)
     auth: AuthConfig = Field(default_factory=AuthConfig)
@@ -157,38 +172,86 @@ class Config(_Strict):
         return self._unavailable
 
     @model_validator(mode="after")
-    def _check_models(self):
+    def _check_models(self, info):
         if not self.models:
             self.models = {DEFAULT_MODEL_NAME: ModelConfig(backend="sentence-transformers")}
-        for name in self.models:
-            if not re.match(_NAME, name):
-                raise _PathError(f"models.{name}", f"model name {name!r} must match {_NAME}")
+        if (info.context or {}).get("vecshim_skip_cross_field"):
+            if self.default_model not in self.models:
+                self.default_model = next(iter(self.models))
+            return self
+        problems = cross_field_problems(self.default_model, {n: m.fallbacks for n, m in self.models.items()},
+                                        optional={n for n, m in self.models.items() if not m.required})
+        if problems:
+            raise _PathError(*problems[0])
         if self.default_model is None:
             self.default_model = next(iter(self.models))
-        if self.default_model not in self.models:
-            raise _PathError("default_model",
-                             f"{self.default_model!r} is not in models ({', '.join(self.models)})")
-        if not self.models[self.default_model].required:
-            raise _PathError(f"models.{self.default_model}.required",
-                             "the default model must be required (Weaviate's /vectors calls it)")
-        for name, model in self.models.items():
-            for fb in model.fallbacks:
-                if fb not in self.models or fb == name:
-                    raise _PathError(f"models.{name}.fallbacks", f"{fb!r} is not another configured model")
         return self
 
     def secrets(self) -> list[str]:
-        """Every secret-looking value in the config (for log redaction)."""
+        """Every secret in the config (for log redaction): values under secret-looking keys
+        (key, token, secret, password, at any depth of a model's options), bearer tokens,
+        and credentials inside any URL."""
+        from .logs import url_secrets
+
         found = list(self.server.auth.embed_tokens) + list(self.server.auth.metrics_tokens)
-        for model in self.models.values():
-            for key, value in model.options.items():
-                if isinstance(value, str) and value and re.search(r"key|token|secret|password", key, re.I):
+
+        def walk(value, secret: bool) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    # a *_file option names where the secret is; its content is registered on reading
+                    walk(v, secret or (bool(_SECRET_KEY.search(str(k))) and not str(k).endswith("_file")))
+            elif isinstance(value, (list, tuple)):
+                for v in value:
+                    walk(v, secret)
+            elif isinstance(value, str) and value:
+                if secret:
                     found.append(value)
+                if "@" in value and "://" in value:
+                    found.extend(url_secrets(value))
+
+        for model in self.models.values():
+            walk(model.options, False)
         for url in (self.cache.redis_url, self.budget.redis_url):
-            password = urlsplit(url).password if url else None
-            if password:
-                found.append(password)
+            if url:
+                found.extend(url_secrets(url))
         return [s for s in found if len(s) >= 4]
+
+
+def cross_field_problems(default_model: str | None, fallbacks: dict[str, list],
+                         optional=frozenset()) -> list[tuple[str, str]]:
+    """(path, problem) for model names, `default_model` and fallbacks that name no model.
+
+    `fallbacks` maps every configured model name to its fallback list;
+    `optional` holds the names of `required: false` models.
+    """
+    out = []
+    names = list(fallbacks)
+    for name in names:
+        if not re.match(_NAME, str(name)):
+            out.append((f"models.{name}", f"model name {name!r} must match {_NAME}"))
+    if default_model is not None and default_model not in fallbacks:
+        out.append(("default_model", f"{default_model!r} is not in models ({', '.join(map(str, names))})"
+                    + did_you_mean(default_model, names)))
+    default = default_model if default_model in fallbacks else (names[0] if default_model is None and names
+                                                                else None)
+    if default in optional:
+        out.append((f"models.{default}.required", "the default model must be required (Weaviate's /vectors "
+                                                  "calls it)"))
+    for name, fbs in fallbacks.items():
+        for i, fb in enumerate(fbs or ()):
+            if fb not in fallbacks or fb == name:
+                others = [n for n in names if n != name]
+                out.append((f"models.{name}.fallbacks.{i}",
+                            f"{fb!r} is not another configured model" + did_you_mean(fb, others)))
+    return out
+
+
+def did_you_mean(word: Any, choices) -> str:
+    """` (did you mean 'x'?)` for the closest of `choices`, or ''."""
+    if not isinstance(word, str):
+        return ""
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def expand_env(value: Any, env: dict[str, str] | None = None, *, path: str = "",
@@ -225,8 +288,48 @@ def expand_env(value: Any, env: dict[str, str] | None = None, *, path: str = "",
     return _VAR.sub(sub, value)
 
 
-def format_validation_error(err: ValidationError, prefix: str = "") -> str:
-    """Render pydantic errors as `path.to.key: message` lines (paths under `prefix`)."""
+def _model_at(root: type[BaseModel] | None, loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model class validating the mapping at `loc` under `root`, if known."""
+    t: Any = root
+    for part in loc:
+        t = _unwrap(t)
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            field = t.model_fields.get(str(part))
+            if field is None:
+                return None
+            t = field.annotation
+        elif typing.get_origin(t) in (dict, list):
+            t = typing.get_args(t)[-1]
+        else:
+            return None
+    t = _unwrap(t)
+    return t if isinstance(t, type) and issubclass(t, BaseModel) else None
+
+
+def _unwrap(t: Any) -> Any:
+    if typing.get_origin(t) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        return args[0] if len(args) == 1 else t
+    return t
+
+
+def _hint(e: dict, root: type[BaseModel] | None) -> str:
+    """A did-you-mean for an unknown key or a near-miss of an allowed value."""
+    if e["type"] == "extra_forbidden" and e["loc"]:
+        parent = _model_at(root, tuple(e["loc"][:-1]))
+        return did_you_mean(e["loc"][-1], parent.model_fields) if parent else ""
+    if e["type"] == "literal_error":
+        allowed = re.findall(r"'([^']*)'", str((e.get("ctx") or {}).get("expected", "")))
+        return did_you_mean(e.get("input"), allowed)
+    return ""
+
+
+def format_validation_error(err: ValidationError, prefix: str = "", root: type[BaseModel] | None = None) -> str:
+    """Render pydantic errors as `path.to.key: message` lines (paths under `prefix`).
+
+    With `root` (the model class validated), an unknown key or a near-miss of
+    an allowed value gets a `(did you mean ...?)` hint.
+    """
     lines = []
     for e in err.errors():
         parts = [prefix, *(str(p) for p in e["loc"])]
@@ -236,8 +339,10 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
             msg = str(cause)  # drop pydantic's "Value error, " prefix
             if isinstance(cause, _PathError):
                 parts.append(cause.path)
+        elif e["type"] == "extra_forbidden":
+            msg = "unknown key"
         loc = ".".join(p for p in parts if p) or "<root>"
-        lines.append(f"{loc}: {msg}")
+        lines.append(f"{loc}: {msg}{_hint(e, root)}")
     return "\n".join(lines)
 
 
@@ -264,7 +369,7 @@ def parse_config(data: Any, env: dict[str, str] | None = None) -> Config:
     try:
         cfg = Config.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err)) from None
+        raise ConfigError(format_validation_error(err, root=Config)) from None
     cfg._unavailable.update(unavailable)
     return cfg
 

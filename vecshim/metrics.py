@@ -15,6 +15,8 @@ from . import __version__
 
 __all__ = ["Stats", "CONTENT_TYPE_LATEST", "multiprocess_dir"]
 
+MODEL_STATES = ("loading", "ready", "failed")
+CIRCUIT_STATES = ("closed", "half-open", "open")
 LATENCY_BUCKETS = (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 
@@ -65,6 +67,16 @@ class Stats:
                                      multiprocess_mode="max", registry=r)
         self.load_seconds = Gauge("vecshim_model_load_seconds", "Seconds to load and warm up the model",
                                   ["model"], multiprocess_mode="max", registry=r)
+        # livesum: across workers, the number of workers that see the model (circuit) in each state.
+        self.model_state = Gauge("vecshim_model_state", "Workers with the model in each state "
+                                 "(loading, ready, failed)", ["model", "state"], multiprocess_mode="livesum",
+                                 registry=r)
+        self.circuit_state = Gauge("vecshim_circuit_state", "Workers with the model's circuit breaker in each "
+                                   "state (closed, half-open, open)", ["model", "state"],
+                                   multiprocess_mode="livesum", registry=r)
+        self._circuits: dict[str, Callable[[], str]] = {}
+        self.in_flight = Gauge("vecshim_requests_in_flight", "HTTP requests being handled", [],
+                               multiprocess_mode="livesum", registry=r)
         self.build = Gauge("vecshim_build_info", "vecshim version", ["version"], multiprocess_mode="max",
                            registry=r)
         self.build.labels(__version__).set(1)
@@ -85,10 +97,35 @@ class Stats:
         return self.queue_depth.labels(model).set
 
     def upstream_event(self, model: str) -> Callable[[str], None]:
-        """Callback for Resilience events."""
+        """Callback for Resilience events; each also refreshes the model's circuit gauge."""
         def on_event(kind: str) -> None:
             self.upstream.labels(model, kind).inc()
+            self.refresh_circuit(model)
         return on_event
+
+    def set_model_state(self, model: str, state: str) -> None:
+        """Mark this worker's copy of `model` as loading, ready or failed."""
+        for s in MODEL_STATES:
+            self.model_state.labels(model, s).set(1 if s == state else 0)
+
+    def track_circuit(self, model: str, state_fn: Callable[[], str]) -> None:
+        """Read the model's circuit state from `state_fn` on every upstream event and scrape."""
+        self._circuits[model] = state_fn
+        self.refresh_circuit(model)
+
+    def refresh_circuit(self, model: str) -> None:
+        """Set the circuit gauge of `model` from its current state."""
+        fn = self._circuits.get(model)
+        if fn is None:
+            return
+        state = fn()
+        for s in CIRCUIT_STATES:
+            self.circuit_state.labels(model, s).set(1 if s == state else 0)
+
+    def refresh(self) -> None:
+        """Before a scrape: circuits move from open to half-open with time alone."""
+        for model in list(self._circuits):
+            self.refresh_circuit(model)
 
     def window_observer(self, model: str) -> Callable[[float, int], None]:
         """Callback for Resilience: (concurrency limit, calls in flight)."""

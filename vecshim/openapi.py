@@ -242,7 +242,7 @@ def get_spec() -> dict[str, Any]:
             "version": __version__,
             "description": "Embeddings for Weaviate's self-hosted text modules (transformers, model2vec, "
                            "openai, ollama, huggingface) from any configured backend. Every route shares "
-                           "the same models, batcher, cache and limits. See docs/protocols.md.",
+                           "the same models, batcher, cache and limits. `GET /openapi.json` is this document as JSON.",
         },
         "tags": [
             {"name": "weaviate", "description": "text2vec-transformers and text2vec-model2vec, per model"},

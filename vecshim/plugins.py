@@ -73,31 +73,45 @@ def _register(pm: pluggy.PluginManager, plugin: object, name: str | None = None)
         raise ConfigError(f"plugin {name or plugin!r}: {err}") from None
 
 
-def _load_entrypoints(pm: PluginManager) -> None:
+def _load_entrypoints(pm: PluginManager, attempt) -> None:
     # Like pm.load_setuptools_entrypoints, but an import failure names the plugin.
     for dist in metadata.distributions():
         for ep in dist.entry_points:
             if ep.group != hookspecs.NAME or pm.get_plugin(ep.name) or pm.is_blocked(ep.name):
                 continue
-            try:
-                plugin = ep.load()
-            except Exception as err:
-                raise ConfigError(
-                    f"plugin {ep.name!r} from {dist.metadata['Name']} failed to load: "
-                    f"{type(err).__name__}: {err}") from err
-            _register(pm, plugin, ep.name)
-            pm.versions[ep.name] = dist.version
+            attempt("plugins.entrypoints", _load_entrypoint, pm, dist, ep)
+
+
+def _load_entrypoint(pm: PluginManager, dist, ep) -> None:
+    try:
+        plugin = ep.load()
+    except Exception as err:
+        raise ConfigError(
+            f"plugin {ep.name!r} from {dist.metadata['Name']} failed to load: "
+            f"{type(err).__name__}: {err}") from err
+    _register(pm, plugin, ep.name)
+    pm.versions[ep.name] = dist.version
 
 
 def get_plugin_manager(*, dirs: Iterable[str | Path] = (), disable: Iterable[str] = (),
                        plugins: Iterable[object] = (), load_entrypoints: bool = True,
-                       base_dir: Path | None = None) -> PluginManager:
+                       base_dir: Path | None = None, errors: list[tuple[str, str]] | None = None) -> PluginManager:
     """Build a fresh plugin manager: built-ins, plugin folders, entry points, extras.
 
     `disable` blocks plugins by name (built-ins are named by module, e.g.
     `vecshim.backends.cohere_api`; folder plugins by file stem; entry points
     by entry-point name). A hook name that matches no hookspec fails here.
+    With an `errors` list, each failing plugin is recorded there as
+    (config path, problem) and skipped instead (`vecshim config check`).
     """
+    def attempt(path: str, step, *args) -> None:
+        try:
+            step(*args)
+        except ConfigError as err:
+            if errors is None:
+                raise
+            errors.append((path, err.message))
+
     pm = PluginManager()
     pm.add_hookspecs(hookspecs)
     for name in disable:
@@ -105,28 +119,40 @@ def get_plugin_manager(*, dirs: Iterable[str | Path] = (), disable: Iterable[str
     for modname in DEFAULT_PLUGINS:
         if not pm.is_blocked(modname):
             pm.register(importlib.import_module(modname), modname)
-    for d in dirs:
+    for i, d in enumerate(dirs):
         folder = Path(d)
         if not folder.is_absolute() and base_dir is not None:
             folder = base_dir / folder
         if not folder.is_dir():
-            raise ConfigError(f"plugins.dirs: {folder} is not a directory")
+            if errors is None:
+                raise ConfigError(f"plugins.dirs: {folder} is not a directory")
+            errors.append((f"plugins.dirs.{i}", f"{folder} is not a directory"))
+            continue
         for path in sorted(folder.glob("*.py")):
             if not path.name.startswith("_"):
-                _load_file(pm, path)
+                attempt(f"plugins.dirs.{i}", _load_file, pm, path)
     if load_entrypoints:
-        _load_entrypoints(pm)
+        _load_entrypoints(pm, attempt)
     for plugin in plugins:
         _register(pm, plugin)
-    try:
-        pm.check_pending()
-    except pluggy.PluginValidationError as err:
-        raise ConfigError(f"plugin {pm.get_name(err.plugin)!r}: {err}") from None
+    attempt("plugins", _check_pending, pm)
     return pm
 
 
-def collect_backends(pm: pluggy.PluginManager) -> Registry:
-    """Call every `register_backends` hook and return the registry; duplicates fail."""
+def _check_pending(pm: pluggy.PluginManager) -> None:
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as err:
+        name = pm.get_name(err.plugin)
+        pm.unregister(err.plugin)  # so a collecting caller can go on without it
+        raise ConfigError(f"plugin {name!r}: {err}") from None
+
+
+def collect_backends(pm: pluggy.PluginManager, errors: list[tuple[str, str]] | None = None) -> Registry:
+    """Call every `register_backends` hook and return the registry; duplicates fail.
+
+    With an `errors` list, a failing plugin is recorded there and skipped.
+    """
     registry = Registry()
     for impl in reversed(pm.hook.register_backends.get_hookimpls()):
         owner = impl.plugin_name
@@ -149,11 +175,17 @@ def collect_backends(pm: pluggy.PluginManager) -> Registry:
 
         args = {"register": register}
         try:
-            impl.function(*(args[a] for a in impl.argnames))
-        except ConfigError:
-            raise
-        except Exception as err:
-            raise ConfigError(f"plugin {owner!r} failed in register_backends: {type(err).__name__}: {err}") from err
+            try:
+                impl.function(*(args[a] for a in impl.argnames))
+            except ConfigError:
+                raise
+            except Exception as err:
+                raise ConfigError(f"plugin {owner!r} failed in register_backends: "
+                                  f"{type(err).__name__}: {err}") from err
+        except ConfigError as err:
+            if errors is None:
+                raise
+            errors.append(("plugins", err.message))
     return registry
 
 

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import runpy
 import shutil
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 from gunicorn import util as gunicorn_util
@@ -14,12 +16,16 @@ from gunicorn.app.base import BaseApplication
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULTS", "VecshimServer", "default_workers", "read_gunicorn_config"]
+__all__ = ["DEFAULTS", "VecshimServer", "default_workers", "read_gunicorn_config", "logconfig_for"]
+
+log = logging.getLogger("vecshim.server")
 
 #: Settings `vecshim serve` passes to gunicorn (see docs/operations.md).
 DEFAULTS = {
     "bind": "0.0.0.0:8080",
-    "worker_class": "gthread",
+    # gthread, but each request is read whole in the event loop before a
+    # thread sees it (vecshim/worker.py): slow clients cannot hold threads.
+    "worker_class": "vecshim.worker.VecshimWorker",
     # Requests mostly wait on the batcher, so many threads cost little and
     # let tens of Weaviate requests queue into one batch.
     "threads": 64,
@@ -54,6 +60,18 @@ def default_workers(config, base_dir: Path | None = None) -> int:
     if any(m.backend.in_process for m in models.values()):
         return 1
     return 2
+
+
+def logconfig_for(config_path: str | None, errorlog: str = "-") -> dict:
+    """gunicorn `logconfig_dict` for a vecshim config file (for running gunicorn directly)."""
+    from .config import LoggingConfig, load_config
+    from .logs import gunicorn_logconfig
+
+    try:
+        cfg = load_config(config_path)
+    except ConfigError:  # the workers report it; the master logs in the default format
+        return gunicorn_logconfig(LoggingConfig(), [], errorlog)
+    return gunicorn_logconfig(cfg.logging, cfg.secrets(), errorlog)
 
 
 def read_gunicorn_config(path: str) -> dict:
@@ -95,6 +113,8 @@ def post_worker_init(worker):
     def on_term(sig, frame):
         if state is not None:
             state.draining = True
+            # Counted here, logged at worker_exit: no logging inside a signal handler.
+            state.drain_start = (time.monotonic(), state.in_flight, state.queued())
         previous(sig, frame)
 
     signal.signal(signal.SIGTERM, on_term)
@@ -103,8 +123,17 @@ def post_worker_init(worker):
 def worker_exit(server, worker):
     """After in-flight requests finished: drain model queues, close caches."""
     state = _state(worker)
-    if state is not None:
-        state.close(timeout=server.cfg.graceful_timeout)
+    if state is None:
+        return
+    started, requests, texts = getattr(state, "drain_start", None) or (time.monotonic(), state.in_flight,
+                                                                        state.queued())
+    state.close(timeout=server.cfg.graceful_timeout)
+    left = state.queued()
+    log.info("drain summary: %d request(s) in flight and %d text(s) queued at shutdown; %s after %.2f s",
+             requests, texts, f"{left} text(s) left undone" if left else "all finished",
+             time.monotonic() - started,
+             extra={"in_flight": requests, "queued": texts, "left": left,
+                    "drain_s": round(time.monotonic() - started, 3)})
 
 
 def child_exit(server, worker):

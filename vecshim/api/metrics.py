@@ -17,5 +17,6 @@ def metrics():
     for name, model in state.models.items():
         if model.batcher is not None:
             state.stats.queue_depth.labels(name).set(model.batcher.depth)
+    state.stats.refresh()
     return Response(state.stats.render(), mimetype=CONTENT_TYPE_LATEST.split(";")[0],
                     headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -17,7 +17,7 @@ from ..errors import BackendError, ConfigError, UpstreamError
 from ..hookspecs import hookimpl
 from ..budget import account_id
 from ..ratelimit import Reply, read_cohere_headers
-from ._hosted import check_vectors, endpoint_host, redact, resolve_api_key
+from ._hosted import check_vectors, endpoint_host, key_problems, redact, resolve_api_key, upstream_detail
 
 __all__ = ["CohereBackend", "CohereOptions"]
 
@@ -74,6 +74,12 @@ class CohereBackend(Backend):
         self._key: str | None = None
         self._errors: tuple[type[Exception], ...] = ()
         self._httpx: Any = None
+
+    def preflight(self) -> list[tuple[str, str]]:
+        """A key must come from the options, the key file or the environment (unless base_url is set)."""
+        opts = self.options
+        env = ("CO_API_KEY", "COHERE_API_KEY")
+        return key_problems(opts.api_key, opts.api_key_file, env, self.name, key_optional=bool(opts.base_url))
 
     def load(self) -> None:
         """Import the SDK and build the client (no network call)."""
@@ -171,7 +177,7 @@ class CohereBackend(Backend):
         elif status == 429:
             detail = "rate limited"
         else:
-            detail = redact(_error_message(getattr(exc, "body", None)), self._key)
+            detail = upstream_detail(self.name, status, _error_message(getattr(exc, "body", None)), self._key)
         info = read_cohere_headers(getattr(exc, "headers", None))
         error = UpstreamError(f"cohere upstream returned {status} ({detail})",
                               upstream_status=status, retryable=retryable,
@@ -186,7 +192,7 @@ def _error_message(body: Any) -> str:
         return str(body["message"])
     if body is None:
         return "no details"
-    return body[:200] if isinstance(body, str) else json.dumps(body)[:200]
+    return body if isinstance(body, str) else json.dumps(body)
 
 
 @hookimpl

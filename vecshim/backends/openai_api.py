@@ -17,7 +17,7 @@ from ..errors import BackendError, ConfigError, UpstreamError
 from ..hookspecs import hookimpl
 from ..budget import account_id
 from ..ratelimit import Reply, read_openai_headers
-from ._hosted import check_vectors, endpoint_host, redact, resolve_api_key
+from ._hosted import check_vectors, endpoint_host, key_problems, redact, resolve_api_key, upstream_detail
 
 __all__ = ["OpenAIBackend", "OpenAIOptions"]
 
@@ -79,6 +79,12 @@ class OpenAIBackend(Backend):
         self._client: Any = None
         self._openai: Any = None
         self._key: str | None = None
+
+    def preflight(self) -> list[tuple[str, str]]:
+        """A key must come from the options, the key file or the environment (unless base_url is set)."""
+        opts = self.options
+        env = ("AZURE_OPENAI_API_KEY", "OPENAI_API_KEY") if opts.azure_endpoint else ("OPENAI_API_KEY",)
+        return key_problems(opts.api_key, opts.api_key_file, env, self.name, key_optional=bool(opts.base_url))
 
     def load(self) -> None:
         """Import the SDK and build the client (no network call)."""
@@ -192,7 +198,7 @@ class OpenAIBackend(Backend):
         elif status == 429:
             detail = "rate limited"
         else:
-            detail = redact(_error_message(exc.body), self._key)
+            detail = upstream_detail(self.name, status, _error_message(exc.body), self._key)
         info = read_openai_headers(exc.response.headers)
         error = UpstreamError(f"openai upstream returned {status} ({detail})",
                               upstream_status=status, retryable=retryable,
@@ -213,7 +219,7 @@ def _error_message(body: Any) -> str:
         message = error.get("message") if isinstance(error, dict) else error
         if message:
             return str(message)
-    return json.dumps(body)[:200] if body is not None else "no details"
+    return json.dumps(body) if body is not None else "no details"
 
 
 @hookimpl
