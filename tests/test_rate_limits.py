@@ -100,7 +100,7 @@ def test_window_halves_on_429_once_per_burst_and_grows_back_additively():
     assert w.limit == 8.0  # never above the ceiling
 
 
-def test_window_never_below_one_and_cut_by_latency_growth():
+def test_window_never_below_two_and_cut_by_latency_growth():
     w = Window(4, 4)
     for _ in range(20):
         _round(w, "ok", 0.06)
@@ -110,7 +110,10 @@ def test_window_never_below_one_and_cut_by_latency_growth():
     for _ in range(10):
         time.sleep(0.06)
         _round(w, "429", 0.05)
-    assert w.limit == 1.0
+    assert w.limit == 2.0
+    one = Window(1, 1)
+    _round(one, "429", 0.05)
+    assert one.limit == 1.0
 
 
 def test_window_blocks_beyond_its_limit():
@@ -362,19 +365,28 @@ def test_a_lone_text_on_an_idle_upstream_goes_at_once_despite_max_wait():
 def test_a_limit_nobody_announced_is_inferred_from_429s_and_probed_upwards():
     b = Budget("quiet", "up", BudgetConfig(), redis_url=None, local_dir=None)
     b.rate_limited()
-    assert b.inferred is None  # no successes to go by yet: only Retry-After paces
-    for _ in range(10):
-        b.succeeded()
     b.rate_limited()
-    assert b.inferred == pytest.approx(10 / 2.0 * 60)  # what got through lately, per minute
+    assert b.inferred is None  # no calls to go by yet: only Retry-After paces
+    for _ in range(10):
+        b.accepted()
+    b._429s.clear()
+    b.rate_limited()
+    assert b.inferred is None  # a stray 429: Retry-After's business
+    b.rate_limited()
+    assert b.inferred is None  # 2 of 12 calls: still too rare to mean anything
+    b.rate_limited()
+    assert b.inferred == pytest.approx(10 / 2.0 * 60)  # frequent: what got through lately, per minute
     assert b.info()["inferred_requests_per_minute"] == 300 and b.per_minute() == (None, None)
     b.rate_limited()
     assert b.inferred == pytest.approx(300)  # the same burst of 429s cuts once
     b._changed_at -= 2.0
     b.rate_limited()
-    assert b.inferred == pytest.approx(210)
+    assert b.inferred == pytest.approx(210)  # still calling at that pace: 30 % less
     b._changed_at -= 2.0
-    b.succeeded()
+    b._recent.clear()
+    b.rate_limited()
+    assert b.inferred == pytest.approx(210)  # calls go slower than the pace: no sign of it
+    b.accepted()
     assert b.inferred == pytest.approx(210 * 1.05 ** 2, rel=0.01)  # probing upwards again
     b.learn(UpstreamInfo(requests_per_minute=600))
     b.rate_limited()

@@ -256,6 +256,7 @@ class Budget:
         #: Requests per minute inferred from 429s when no limit is known (AIMD-like).
         self.inferred: float | None = None
         self._recent: collections.deque[float] = collections.deque(maxlen=4096)
+        self._429s: collections.deque[float] = collections.deque(maxlen=4096)
         self._changed_at = 0.0
 
     # -- limits -----------------------------------------------------------
@@ -300,8 +301,9 @@ class Budget:
         return (rpm or 0) * scale, (tpm or 0) * scale
 
     # -- a limit nobody announced -------------------------------------------
-    def succeeded(self) -> None:
-        """Count a successful call; an inferred rate grows 5 % per second without a 429."""
+    def accepted(self) -> None:
+        """Count an attempt the upstream took (any answer but 429, errors included: they
+        count against its limit too); an inferred rate grows 5 % per second without a 429."""
         now = time.monotonic()
         with self._lock:
             self._recent.append(now)
@@ -315,15 +317,22 @@ class Budget:
             return
         now = time.monotonic()
         with self._lock:
+            self._429s.append(now)
+            limited = sum(1 for t in self._429s if t > now - 2.0)
+            taken = sum(1 for t in self._recent if t > now - 2.0)
+            if limited < 2 or limited < 0.2 * (limited + taken):
+                return  # a stray 429 is Retry-After's business; frequent ones mean we are too fast
             if now - self._changed_at < 1.0:
                 return  # one cut per second, however many 429s a burst brought
+            pace = taken / 2.0 * 60.0  # accepted per minute
             if self.inferred is None:
-                recent = sum(1 for t in self._recent if t > now - 2.0)
-                if recent < 2:
+                if pace < 60.0:
                     return  # nothing to go by yet: Retry-After and the window pace us
-                self.inferred = max(MIN_INFERRED_RPM, recent / 2.0 * 60.0)
-            else:
+                self.inferred = max(MIN_INFERRED_RPM, pace)
+            elif pace >= 0.8 * self.inferred:
                 self.inferred = max(MIN_INFERRED_RPM, self.inferred * 0.7)
+            else:
+                return  # calls go slower than the pace anyway: this 429 is no sign of it
             self._changed_at = now
             rpm = self.inferred
         log.info("upstream %s announces no request limit and answered 429: pacing at %.0f requests/min",

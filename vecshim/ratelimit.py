@@ -143,11 +143,15 @@ class Window:
     next one. Each success adds 1/limit (one call per full window of
     successes); a 429 halves the limit, and a call more than `slow_factor` times slower than
     the recent baseline cuts it by 10 %. At most one decrease per `cooldown_s`
-    (about one round trip), so one burst of 429s counts once.
+    (about one round trip), so one burst of 429s counts once. The limit stays
+    at 2 or more (unless the ceiling is 1): the rate budget, not the window,
+    is what holds a slow account back.
     """
 
     def __init__(self, initial: int, maximum: int, *, slow_factor: float = 4.0):
         self.maximum = max(1, maximum)
+        # Never below 2 (when allowed): one call stuck retrying must not hold up every text.
+        self.minimum = min(2.0, self.maximum)
         self.limit = float(min(max(1, initial), self.maximum))
         self.in_flight = 0
         self.slow_factor = slow_factor
@@ -195,5 +199,5 @@ class Window:
 
     def _decrease(self, now: float, factor: float, seconds: float) -> None:
         if now >= self._cut_at:
-            self.limit = max(1.0, self.limit * factor)
+            self.limit = max(self.minimum, self.limit * factor)
             self._cut_at = now + max(0.05, seconds)

@@ -137,17 +137,13 @@ class Resilience:
         """
         try:
             if self.window is None:
-                return self._call(fn, args, kwargs, tokens)
-            # The call keeps its place in the window through retries: under pushback
-            # fewer calls are out and the batcher gathers texts into the next one.
-            if not self.window.acquire(self.retry.budget_s):
-                raise BackendUnavailable(f"{self.name}: no upstream call slot freed up within the "
-                                         f"{self.retry.budget_s:g} s budget")
+                return self._call(fn, args, kwargs, tokens, None)
+            place = _Place(self)
+            place.take(time.monotonic() + self.retry.budget_s)
             try:
-                return self._call(fn, args, kwargs, tokens)
+                return self._call(fn, args, kwargs, tokens, place)
             finally:
-                self.window.release()
-                self._window_changed()
+                place.leave()
         except Exception:
             self._on_event("failure")
             raise
@@ -158,7 +154,7 @@ class Resilience:
         for listener in list(self._listeners):
             listener()
 
-    def _call(self, fn, args, kwargs, tokens):
+    def _call(self, fn, args, kwargs, tokens, place):
         start = time.monotonic()
         deadline = start + self.retry.budget_s
         attempt = 0
@@ -183,7 +179,11 @@ class Resilience:
                 if capped or now + delay + (now - began) > deadline:
                     raise self._give_up(err, attempt, now - start, delay) from err
                 self._on_event("retry")
+                if place is not None:  # let other calls go meanwhile
+                    place.leave()
                 time.sleep(delay)
+                if place is not None:
+                    place.take(deadline)
                 continue
             except BaseException:
                 self._release_probe()
@@ -227,9 +227,10 @@ class Resilience:
             else:
                 info = None
             self._learn(info, tokens, True)
-            self.budget.succeeded()
             return result
         finally:
+            if outcome != "429":
+                self.budget.accepted()
             self.window.observe(outcome, time.monotonic() - began)
             self._window_changed()
 
@@ -300,3 +301,23 @@ class Resilience:
     def _release_probe(self) -> None:
         with self._lock:
             self._probing = False
+
+
+class _Place:
+    """A call's place in its Resilience's AIMD window."""
+
+    def __init__(self, res: Resilience):
+        self.res = res
+        self.held = False
+
+    def take(self, deadline: float) -> None:
+        if not self.res.window.acquire(max(0.0, deadline - time.monotonic())):
+            raise BackendUnavailable(f"{self.res.name}: no upstream call slot freed up within the "
+                                     f"{self.res.retry.budget_s:g} s budget")
+        self.held = True
+
+    def leave(self) -> None:
+        if self.held:
+            self.held = False
+            self.res.window.release()
+            self.res._window_changed()
