@@ -288,6 +288,9 @@ class Raiser(Backend):
 
     name = "raiser"
 
+    def info(self):
+        return {"model": "fake-8d"}
+
     def embed(self, texts, task):
         if any("RAISE" in t for t in texts):
             raise RuntimeError("kaboom inside the plugin")
@@ -299,6 +302,9 @@ class Hanger(Backend):
 
     name = "hanger"
     release = threading.Event()
+
+    def info(self):
+        return {"model": "fake-8d"}
 
     def embed(self, texts, task):
         if any("HANG" in t for t in texts):

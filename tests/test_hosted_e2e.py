@@ -340,9 +340,10 @@ def test_fallback_deployment_serves_while_the_primary_is_down(serve, fake):
         assert len(embed_calls(fake)) == 1
 
 
-@pytest.mark.parametrize("backup_options", [{"model": "text-embedding-3-large"}, {"dimensions": 256}],
-                         ids=["other-model", "other-dimensions"])
-def test_fallback_in_another_vector_space_is_rejected_at_startup(fake, backup_options):
+@pytest.mark.parametrize("backup_options,named", [
+    ({"model": "text-embedding-3-large"}, 'backend.model "text-embedding-3-large" \u2260 "text-embedding-3-small"'),
+    ({"dimensions": 256}, "backend.dimensions 256 \u2260 null")], ids=["other-model", "other-dimensions"])
+def test_fallback_in_another_vector_space_is_rejected_at_startup(fake, backup_options, named):
     primary = openai_model(fake)
     primary["fallbacks"] = ["backup"]
     backup = openai_model(fake)
@@ -350,8 +351,8 @@ def test_fallback_in_another_vector_space_is_rejected_at_startup(fake, backup_op
     with pytest.raises(ConfigError) as info:
         create_app(config(primary=primary, backup=backup), load_entrypoints=False, load=False)
     message = info.value.message
-    assert "models.primary.fallbacks" in message and "'backup'" in message
-    assert KEY not in message
+    assert "models.primary.fallbacks: fallback backup: " in message and named in message
+    assert "{" not in message and KEY not in message  # the differing key, not two raw dicts
 
 
 def test_fallback_whose_learnt_dimension_differs_is_never_used(serve, fake):

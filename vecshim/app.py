@@ -19,8 +19,10 @@ from .cache import build_cache
 from .config import Config, load_config, parse_config
 from .errors import ConfigError, UnknownModelError, VecshimError
 from .model import Model, UnavailableBackend, build_backend
+from .space import differences, require_identity
 from .plugins import collect_backends, get_plugin_manager, plugin_infos
-from .api import compat, openai, ops, weaviate
+from .ranking import build_rankers
+from .api import compat, openai, ops, rerank, weaviate
 from .api import metrics as metrics_api
 from .api.common import json_response
 from .logs import configure_logging, new_request_id, request_id_var
@@ -36,11 +38,14 @@ _PROBES = ("/.well-known/live", "/.well-known/ready")
 class State:
     """Everything a request needs, stored in `app.extensions["vecshim"]`."""
 
-    def __init__(self, config: Config, pm, registry, models: dict[str, Model], cache, stats=None):
+    def __init__(self, config: Config, pm, registry, models: dict[str, Model], cache, stats=None,
+                 rerankers: dict | None = None):
         self.config = config
         self.pm = pm
         self.registry = registry
         self.models = models
+        #: Served rerankers by name (`vecshim.ranking.Ranker`); they load after the models.
+        self.rerankers = rerankers or {}
         self.cache = cache
         self.stats = stats
         self.draining = False
@@ -50,6 +55,8 @@ class State:
         self.plugins = plugin_infos(pm)
         for m in models.values():
             m.on_ready = m.on_change = self.render_meta
+        for r in self.rerankers.values():
+            r.on_ready = self.render_meta
         self._meta: dict[str | None, bytes] = {}
         self._loader: threading.Thread | None = None
         self._stop = threading.Event()
@@ -90,14 +97,22 @@ class State:
         """Why the server (or one model) can't serve yet; None when ready."""
         if self.draining:
             return "shutting down"
-        if name is not None:
-            models = [self.get_model(name)]
-        else:  # `required: false` models never hold the server out of ready
-            models = [m for m in self.models.values() if m.cfg.required]
-        for m in models:
+        if name in self.rerankers:
+            served = [self.rerankers[name]]
+        elif name is not None:
+            served = [self.get_model(name)]
+        else:  # `required: false` models and rerankers never hold the server out of ready
+            served = [m for m in [*self.models.values(), *self.rerankers.values()] if m.cfg.required]
+        for m in served:
             if not m.ready:
-                return f"model {m.name!r} is {m.state}" + (f": {m.error}" if m.error else "")
+                kind = "reranker" if m in self.rerankers.values() else "model"
+                return f"{kind} {m.name!r} is {m.state}" + (f": {m.error}" if m.error else "")
         return None
+
+    def check_name(self, name: str) -> None:
+        """404 unless `name` is a configured model or reranker (the per-name health routes)."""
+        if name not in self.rerankers:
+            self.get_model(name)
 
     def render_meta(self) -> None:
         """Pre-render /meta for the server and each model (on startup and state changes); update state gauges."""
@@ -112,18 +127,23 @@ class State:
             "default_model": self.config.default_model,
             "model": infos[self.config.default_model],
             "models": infos,
+            "default_reranker": self.config.default_reranker,
+            "rerankers": {name: r.info() for name, r in self.rerankers.items()},
             "plugins": self.plugins,
         }
         meta = {None: json.dumps(root, separators=(",", ":"), default=str).encode()}
         for name, info in infos.items():
             meta[name] = json.dumps({"vecshim_version": __version__, "model": info},
                                     separators=(",", ":"), default=str).encode()
+        for name, info in root["rerankers"].items():
+            meta[name] = json.dumps({"vecshim_version": __version__, "reranker": info},
+                                    separators=(",", ":"), default=str).encode()
         self._meta = meta
 
     def meta_bytes(self, name: str | None) -> bytes:
         """The /meta body for the server or one model."""
         if name is not None:
-            self.get_model(name)
+            self.check_name(name)
         return self._meta[name]
 
     def start_loading(self) -> threading.Thread:
@@ -135,13 +155,14 @@ class State:
     def wait_ready(self, timeout: float) -> bool:
         """Block until all models are ready (tests and the CLI)."""
         deadline = time.monotonic() + timeout
-        for m in self.models.values():
+        for m in [*self.models.values(), *self.rerankers.values()]:
             if m.cfg.required and not m._ready.wait(max(0.0, deadline - time.monotonic())):
                 return False
         return True
 
     def _load_all(self) -> None:
-        pending = [m for m in self.models.values() if m.state != "unavailable"]
+        # Rerankers may embed through the models: load them last.
+        pending = [m for m in [*self.models.values(), *self.rerankers.values()] if m.state != "unavailable"]
         delay = 1.0
         while pending and not self._stop.is_set():
             failed = []
@@ -165,12 +186,18 @@ class State:
         self._check_fallbacks()
 
     def _check_fallbacks(self) -> None:
+        changed = False
         for m in self.models.values():
             for fb in list(m.fallbacks):  # a copy: mismatches are removed as we go
                 if fb.ready and m.ready and fb.fingerprint != m.fingerprint:
+                    diff = differences(m.fingerprint_parts(), fb.fingerprint_parts()) or ["fingerprint"]
+                    reason = f"different vector space: {'; '.join(diff)}"
                     m.fallbacks.remove(fb)
-                    log.error("model %r: fallback %r has a different vector space (%s != %s); disabled",
-                              m.name, fb.name, fb.fingerprint, m.fingerprint)
+                    m.dropped_fallbacks.append({"name": fb.name, "reason": reason})
+                    changed = True
+                    log.error("model %r: fallback %r dropped: %s", m.name, fb.name, reason)
+        if changed:
+            self.render_meta()
 
     def queued(self) -> int:
         """Texts queued or being embedded, over every model."""
@@ -181,7 +208,7 @@ class State:
         self.draining = True
         self._stop.set()
         deadline = time.monotonic() + timeout
-        for m in self.models.values():
+        for m in [*self.rerankers.values(), *self.models.values()]:
             m.close(max(0.0, deadline - time.monotonic()))
         if self.cache is not None:
             self.cache.close()
@@ -209,21 +236,27 @@ def build_models(config: Config, registry, cache, stats=None) -> dict[str, Model
             except ConfigError as err:
                 raise ConfigError(f"models.{name}.backend: {err.message}") from None
             backend = build_backend(name, mcfg, cls)
+            require_identity(name, backend)
         except ConfigError as err:
             if mcfg.required:
                 raise
             reason, backend = reason or err.message, UnavailableBackend(mcfg.backend)
-        models[name] = Model(name, mcfg, backend, cache=cache, stats=stats, fleet=fleet)
+        models[name] = Model(name, mcfg, backend, cache=cache, stats=stats, fleet=fleet,
+                             origin=getattr(registry, "origins", {}).get(mcfg.backend))
         if reason:  # optional and cannot start: served as 503, never loaded
             models[name].state, models[name].error = "unavailable", reason
             log.warning("model %r (required: false) is unavailable: %s", name, reason)
     for name, m in models.items():
-        m.fallbacks = [models[f] for f in config.models[name].fallbacks]
+        # an unavailable optional model can't be anyone's fallback (nor be compared with one)
+        m.fallbacks = [models[f] for f in config.models[name].fallbacks if models[f].state != "unavailable"]
+        m.dropped_fallbacks = [{"name": f, "reason": f"unavailable: {models[f].error}"}
+                               for f in config.models[name].fallbacks if models[f].state == "unavailable"]
         for fb in m.fallbacks:
-            mine, theirs = m.fingerprint_parts(), fb.fingerprint_parts()
-            if mine != theirs:
-                raise ConfigError(f"models.{name}.fallbacks: {fb.name!r} embeds into a different vector "
-                                  f"space ({theirs} vs {mine})")
+            # Only what config alone decides; the rest is compared once both are loaded.
+            diff = differences(m.fingerprint_parts(), fb.fingerprint_parts(), known_only=True)
+            if diff:
+                raise ConfigError(f"models.{name}.fallbacks: fallback {fb.name}: {'; '.join(diff)} "
+                                  f"(a fallback must embed into the same vector space)")
     return models
 
 
@@ -330,21 +363,24 @@ def create_app(config: Config | dict | str | os.PathLike | None = None, *, plugi
         log.warning("server.auth.embed_tokens is set: Weaviate's text2vec-transformers client sends no "
                     "Authorization header, so /vectors needs a proxy that adds one (see docs/operations.md)")
     stats = stats if stats is not None else Stats()
-    cache = build_cache(cfg.cache, on_redis_error=stats.redis_error)
+    cache = build_cache(cfg.cache, on_redis_error=stats.redis_error, on_reject=stats.cache_reject)
     models = build_models(cfg, registry, cache, stats)
+    rankers = build_rankers(cfg, registry, models, stats)
 
     app = Flask("vecshim")
     app.config["MAX_CONTENT_LENGTH"] = int(cfg.server.max_request_mb * 1024 * 1024)
     app.url_map.strict_slashes = False
     app.url_map.merge_slashes = False
     app.wsgi_app = _PathFix(app.wsgi_app)
-    state = State(cfg, pm, registry, models, cache, stats)
+    state = State(cfg, pm, registry, models, cache, stats, rerankers=rankers)
     app.extensions["vecshim"] = state
     _register_errors(app)
     _register_request_hooks(app, state)
     app.register_blueprint(weaviate.bp)
     app.register_blueprint(openai.bp)
     app.register_blueprint(compat.bp)
+    app.register_blueprint(rerank.bp)
+    app.register_blueprint(rerank.cohere_bp)
     app.register_blueprint(ops.bp)
     app.register_blueprint(metrics_api.bp)
     if load:

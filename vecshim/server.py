@@ -57,7 +57,10 @@ def default_workers(config, base_dir: Path | None = None) -> int:
                             load_entrypoints=config.plugins.entrypoints, base_dir=base_dir)
     registry = collect_backends(pm)
     models = build_models(config, registry, cache=None)  # validates options before forking
-    if any(m.backend.in_process for m in models.values()):
+    from .ranking import build_rankers
+
+    rankers = build_rankers(config, registry, models)
+    if any(m.backend.in_process for m in [*models.values(), *rankers.values()]):
         return 1
     return 2
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MANIFEST", "dir_digest", "write_manifest", "LightModel"]
+__all__ = ["MANIFEST", "dir_digest", "write_manifest", "LightModel", "pipeline_pooling"]
 
 MANIFEST = "manifest.json"
 
@@ -49,17 +49,29 @@ def versions() -> dict[str, str]:
     return out
 
 
-def write_manifest(st_model, folder: Path) -> bool:
-    """Describe the pipeline around the encoder into `folder`; False if it is not supported."""
+def pipeline_pooling(st_model) -> str | None:
+    """`mean` or `cls` if the model is Transformer -> Pooling [-> Normalize], else None.
+
+    Only then is pooling a separate step over token embeddings that another
+    strategy may replace.
+    """
     modules = list(st_model)
     names = [type(m).__name__ for m in modules]
     if names not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
-        return False
+        return None
     pooling = modules[1]
     mode = getattr(pooling, "pooling_mode", None) or (
         "mean" if getattr(pooling, "pooling_mode_mean_tokens", False) else
         "cls" if getattr(pooling, "pooling_mode_cls_token", False) else None)
-    if mode not in ("mean", "cls"):
+    return mode if mode in ("mean", "cls") else None
+
+
+def write_manifest(st_model, folder: Path) -> bool:
+    """Describe the pipeline around the encoder into `folder`; False if it is not supported."""
+    modules = list(st_model)
+    names = [type(m).__name__ for m in modules]
+    mode = pipeline_pooling(st_model)
+    if mode is None:
         return False
     tok = st_model.tokenizer
     manifest = {
@@ -112,8 +124,11 @@ class LightModel:
         """Tokens of text per window, special tokens excluded."""
         return self.max_seq_length - self.manifest["special_tokens"]
 
-    def encode(self, texts: list[str], prompt: str | None = None) -> np.ndarray:
-        """Sentence embeddings, as the model's sentence-transformers pipeline computes them."""
+    def encode(self, texts: list[str], prompt: str | None = None, pooling: str | None = None) -> np.ndarray:
+        """Sentence embeddings, as the model's sentence-transformers pipeline computes them.
+
+        `pooling` (`mean` or `cls`) replaces the model's own pooling step.
+        """
         if prompt:
             texts = [prompt + t for t in texts]
         if self.manifest["do_lower_case"]:
@@ -125,7 +140,7 @@ class LightModel:
             "token_type_ids": np.asarray([e.type_ids for e in enc], dtype=np.int64),
         }
         hidden = self.session.run(None, {k: feeds[k] for k in self.inputs})[0].astype(np.float32)
-        if self.manifest["pooling"] == "cls":
+        if (pooling or self.manifest["pooling"]) == "cls":
             out = hidden[:, 0]
         else:
             mask = feeds["attention_mask"][..., None].astype(np.float32)
