@@ -25,6 +25,9 @@ from vecshim import Backend, hookimpl
 class {cls}(Backend):
     name = {name!r}
 
+    def info(self):
+        return {{"model": "constant-2d"}}
+
     def embed(self, texts, task):
         return [[1.0, 0.0] for _ in texts]
 
@@ -302,6 +305,9 @@ class EntryPointPlugin:
 
 class EntryPointBackend(Backend):
     name = "from-entry-point"
+
+    def info(self):
+        return {"model": "constant-2d"}
 
     def embed(self, texts, task):
         return [[0.5, 0.5] for _ in texts]

@@ -80,6 +80,9 @@ class ModelConfig(_Strict):
     #: Allow `dimensions` below the native size by truncation (Matryoshka
     #: models). null: use the backend's own claim.
     matryoshka: bool | None = None
+    #: `dimensions` below the native size: `truncate` (and renormalise, as the
+    #: reference container does) for any model, or `strict`: 400 unless Matryoshka.
+    dimensions: Literal["truncate", "strict"] = "truncate"
     #: Seconds a request may wait for its vector before a 504.
     timeout_s: float = Field(45.0, gt=0, le=600)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)

@@ -17,7 +17,8 @@ from .backend import Backend
 from .errors import ConfigError, UnknownBackendError
 from .reranker import Reranker
 
-__all__ = ["DEFAULT_PLUGINS", "Registry", "get_plugin_manager", "collect_backends", "plugin_infos"]
+__all__ = ["DEFAULT_PLUGINS", "Registry", "get_plugin_manager", "collect_backends", "plugin_infos",
+           "plugin_origin"]
 
 #: Built-in backends and rerankers, registered exactly like third-party plugins.
 DEFAULT_PLUGINS = (
@@ -36,6 +37,8 @@ class Registry:
 
     backends: dict[str, type[Backend]] = field(default_factory=dict)
     owners: dict[str, str] = field(default_factory=dict)
+    #: Backend name -> {"plugin", "distribution", "version"} of its registering plugin.
+    origins: dict[str, dict] = field(default_factory=dict)
     rerankers: dict[str, type[Reranker]] = field(default_factory=dict)
     reranker_owners: dict[str, str] = field(default_factory=dict)
 
@@ -60,6 +63,7 @@ class PluginManager(pluggy.PluginManager):
     def __init__(self):
         super().__init__(hookspecs.NAME)
         self.versions: dict[str, str] = {}
+        self.distributions: dict[str, str] = {}
 
 
 def _load_file(pm: pluggy.PluginManager, path: Path) -> None:
@@ -104,6 +108,7 @@ def _load_entrypoint(pm: PluginManager, dist, ep) -> None:
             f"{type(err).__name__}: {err}") from err
     _register(pm, plugin, ep.name)
     pm.versions[ep.name] = dist.version
+    pm.distributions[ep.name] = dist.metadata["Name"]
 
 
 def get_plugin_manager(*, dirs: Iterable[str | Path] = (), disable: Iterable[str] = (),
@@ -152,6 +157,28 @@ def get_plugin_manager(*, dirs: Iterable[str | Path] = (), disable: Iterable[str
     return pm
 
 
+def plugin_origin(pm: pluggy.PluginManager, plugin: object) -> dict:
+    """Which plugin registered a backend: a stable name, its distribution and version.
+
+    Part of every model's fingerprint, so it must not change between processes:
+    an object registered without a name is named by its class, not pluggy's id().
+    """
+    from . import __version__
+
+    name = pm.get_name(plugin) or ""
+    dist = getattr(pm, "distributions", {}).get(name)
+    version = getattr(pm, "versions", {}).get(name)
+    if name.startswith("vecshim.") and dist is None:
+        dist, version = "vecshim", __version__
+    if name.isdigit() or not name:  # pluggy names an unnamed object by id()
+        cls = plugin if inspect.ismodule(plugin) or inspect.isclass(plugin) else type(plugin)
+        name = f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls.__name__)}"
+    if version is None:
+        module = plugin if inspect.ismodule(plugin) else sys.modules.get(getattr(plugin, "__module__", ""))
+        version = getattr(plugin, "__version__", None) or getattr(module, "__version__", None)
+    return {"plugin": name, "distribution": dist, "version": None if version is None else str(version)}
+
+
 def _check_pending(pm: pluggy.PluginManager) -> None:
     try:
         pm.check_pending()
@@ -167,18 +194,20 @@ def collect_backends(pm: pluggy.PluginManager, errors: list[tuple[str, str]] | N
     With an `errors` list, a failing plugin is recorded there and skipped.
     """
     registry = Registry()
-    _collect(pm, "register_backends", Backend, "backend", registry.backends, registry.owners, errors)
+    _collect(pm, "register_backends", Backend, "backend", registry.backends, registry.owners, errors,
+             registry.origins)
     _collect(pm, "register_rerankers", Reranker, "reranker", registry.rerankers, registry.reranker_owners,
              errors)
     return registry
 
 
 def _collect(pm: pluggy.PluginManager, hook: str, base: type, kind: str, classes: dict, owners: dict,
-             errors: list[tuple[str, str]] | None) -> None:
+             errors: list[tuple[str, str]] | None, origins: dict | None = None) -> None:
     for impl in reversed(getattr(pm.hook, hook).get_hookimpls()):
         owner = impl.plugin_name
+        origin = plugin_origin(pm, impl.plugin)
 
-        def register(cls, _owner=owner):
+        def register(cls, _owner=owner, origin=origin):
             if not (inspect.isclass(cls) and issubclass(cls, base)):
                 raise ConfigError(f"plugin {_owner!r} registered {cls!r}, which is not a "
                                   f"vecshim.{base.__name__} subclass")
@@ -194,6 +223,8 @@ def _collect(pm: pluggy.PluginManager, hook: str, base: type, kind: str, classes
                     f"and by plugin {_owner!r}")
             classes[name] = cls
             owners[name] = _owner
+            if origins is not None:
+                origins[name] = origin
 
         args = {"register": register}
         try:
