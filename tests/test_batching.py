@@ -1,4 +1,4 @@
-"""The micro-batcher on its own: grouping, isolation of failures, timeouts, back-pressure."""
+"""The micro-batcher on its own: grouping, fairness, isolation of failures, deadlines, back-pressure."""
 from __future__ import annotations
 
 import threading
@@ -8,7 +8,7 @@ import pytest
 
 from conftest import fake_config
 from vecshim.batching import Batcher, plan_groups
-from vecshim.errors import BackendError, InferenceTimeout, Overloaded, UpstreamError
+from vecshim.errors import BackendError, ClientGone, InferenceTimeout, Overloaded, PayloadTooLarge, UpstreamError
 
 
 def test_plan_groups_respects_limits_and_keeps_every_item():
@@ -161,7 +161,7 @@ def test_close_finishes_queued_work():
     b = make(lambda t, k: (time.sleep(0.01), t)[1], max_size=2)
     items = [b.submit([f"t{i}"], [1], None) for i in range(10)]
     assert b.close(5)
-    assert all(it.done.is_set() and it.error is None for batch in items for it in batch)
+    assert all(f.done() and f.exception() is None for batch in items for f in batch)
 
 
 def test_overloaded_is_a_fast_503_over_http(serve):
@@ -210,3 +210,119 @@ def test_watchdog_replaces_a_worker_stuck_in_a_hung_call():
         time.sleep(0.02)
     assert sum(t.is_alive() for t in b._threads) == 1  # the stuck thread retired when it returned
     assert b.close(3)
+
+
+# -- fairness and bounded work --------------------------------------------------------
+
+def recording_batcher(**kw):
+    """A batcher whose calls wait for `gate`, recording each call's texts."""
+    calls, gate = [], threading.Event()
+
+    def embed(texts, key):
+        gate.wait(10)
+        calls.append(list(texts))
+        time.sleep(0.005)
+        return [f"v:{t}" for t in texts]
+
+    return make(embed, **kw), calls, gate
+
+
+def test_single_text_requests_are_not_stuck_behind_a_many_window_request():
+    b, calls, gate = recording_batcher(max_size=4, max_wait_ms=0, max_queue=1000)
+    big = b.submit([f"big{i}" for i in range(200)], [1] * 200, None)
+    time.sleep(0.05)  # the first batch (of big's texts) is in the backend call, waiting for the gate
+    small = [b.submit([f"small{i}"], [1], None) for i in range(6)]
+    gate.set()
+    for i, fs in enumerate(small):
+        assert b.wait(fs, 10) == [f"v:small{i}"]
+    # Every small request went in within the first few calls, while big still had texts queued.
+    last_small = max(n for n, call in enumerate(calls) if any(t.startswith("small") for t in call))
+    assert last_small <= 3
+    assert sum(t.startswith("big") for call in calls[:last_small + 1] for t in call) < 200
+    assert b.wait(big, 10) == [f"v:big{i}" for i in range(200)]  # order kept within a request
+    b.close()
+
+
+def test_requests_take_turns_round_robin():
+    b, calls, gate = recording_batcher(max_size=3, max_wait_ms=0)
+    blocker = b.submit(["blocker"], [1], None)
+    time.sleep(0.05)
+    a = b.submit(["a0", "a1", "a2", "a3"], [1] * 4, None)
+    c = b.submit(["c0", "c1", "c2", "c3"], [1] * 4, None)
+    gate.set()
+    b.wait(blocker, 10), b.wait(a, 10), b.wait(c, 10)
+    assert calls[1] == ["a0", "c0", "a1"]  # one text from each request in turn
+    assert calls[2][0] == "c1"            # the request that went second goes first next
+    b.close()
+
+
+def test_a_request_over_the_token_limit_is_refused_at_once_naming_the_limit():
+    b, calls, gate = recording_batcher(max_request_tokens=1000)
+    with pytest.raises(PayloadTooLarge) as err:
+        b.submit(["x"] * 3, [400, 400, 400], None)
+    assert err.value.status == 413 and "batch.max_request_tokens" in err.value.message and "1000" in err.value.message
+    with pytest.raises(PayloadTooLarge) as err:  # more texts than the queue can ever hold, even empty
+        b.submit(["x"] * 101, [1] * 101, None)
+    assert "batch.max_queue" in err.value.message
+    gate.set()
+    assert b.depth == 0 and calls == []
+    b.close()
+
+
+def test_the_queue_token_limit_refuses_heavy_requests_but_not_light_ones():
+    b, calls, gate = recording_batcher(max_size=1, max_wait_ms=0, max_request_tokens=1000,
+                                       max_queue_tokens=1500, small_tokens=10)
+    running = b.submit(["running"], [1], None)
+    time.sleep(0.05)
+    heavy = b.submit(["h"] * 2, [500, 500], None)
+    with pytest.raises(Overloaded) as err:
+        b.submit(["h2"] * 2, [500, 500], None)
+    assert "batch.max_queue_tokens" in err.value.message and err.value.headers["Retry-After"]
+    light = b.submit(["light"], [5], None)  # one text's worth still gets in
+    gate.set()
+    assert b.wait(light, 10) == ["v:light"] and len(b.wait(heavy, 10)) == 2 and b.wait(running, 10)
+    b.close()
+
+
+def test_work_past_its_deadline_is_dropped_not_computed():
+    b, calls, gate = recording_batcher(max_size=1, max_wait_ms=0)
+    blocker = b.submit(["blocker"], [1], None)
+    time.sleep(0.05)
+    late = b.submit(["expired0", "expired1"], [1, 1], None, deadline=time.monotonic() + 0.05)
+    time.sleep(0.1)
+    gate.set()
+    b.wait(blocker, 10)
+    with pytest.raises(InferenceTimeout):
+        b.wait(late, 10)
+    assert b.close(5)
+    assert not any(t.startswith("expired") for call in calls for t in call)
+    assert b.depth == 0
+
+
+def test_a_caller_that_hung_up_has_its_texts_dropped():
+    b, calls, gate = recording_batcher(max_size=1, max_wait_ms=0)
+    blocker = b.submit(["blocker"], [1], None)
+    time.sleep(0.05)
+    left = b.submit([f"gone{i}" for i in range(50)], [1] * 50, None)
+    hung_up = threading.Event()
+    threading.Timer(0.2, hung_up.set).start()
+    with pytest.raises(ClientGone):
+        b.wait(left, 10, gone=hung_up.is_set)
+    assert b.depth == 0
+    gate.set()
+    b.wait(blocker, 10)
+    assert b.close(5)
+    assert not any(t.startswith("gone") for call in calls for t in call)
+
+
+def test_cancelled_futures_are_not_computed():
+    b, calls, gate = recording_batcher(max_size=1, max_wait_ms=0)
+    blocker = b.submit(["blocker"], [1], None)
+    time.sleep(0.05)
+    fs = b.submit(["keep", "drop"], [1, 1], None)
+    assert fs[1].cancel()
+    gate.set()
+    assert fs[0].result(10) == "v:keep"
+    b.wait(blocker, 10)
+    assert b.close(5)
+    assert ["drop"] not in calls

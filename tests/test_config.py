@@ -239,8 +239,25 @@ def test_secrets_finds_keys_tokens_and_redis_password():
         "server": {"auth": {"embed_tokens": ["embed-tok"], "metrics_tokens": ["metrics-tok"]}},
         "cache": {"redis_url": "redis://user:pa:ss@redis:6379/0"},
     }, env={"OPENAI_API_KEY": "sk-openai"})
-    assert sorted(cfg.secrets()) == sorted(["sk-openai", "co-secret-1", "hunter22", "tok-123",
-                                            "embed-tok", "metrics-tok", "pa:ss"])
+    found = set(cfg.secrets())
+    assert {"sk-openai", "co-secret-1", "hunter22", "tok-123", "embed-tok", "metrics-tok", "pa:ss"} <= found
+    assert "not-a-secret" not in found and "m" not in found
+    # Basic auth would send the URL's user:password base64-encoded: that is a secret too.
+    assert "user:pa:ss" in found and "dXNlcjpwYTpzcw==" in found
+
+
+def test_secrets_finds_credentials_in_any_url_and_nested_options():
+    cfg = parse_config({
+        "models": {
+            "o": {"backend": "openai", "options": {"model": "m", "base_url": "http://svc:Pw%2Fd9x@host/v1"}},
+            "p": {"backend": "fake", "options": {"upstream": {"headers": {"X-Auth-Token": "hdr-secret-77"}},
+                                                 "mirrors": ["https://tok3n-only-user@mirror/x"],
+                                                 "api_key_file": "/run/secrets/key"}},
+        },
+    })
+    found = set(cfg.secrets())
+    assert {"Pw%2Fd9x", "Pw/d9x", "hdr-secret-77", "tok3n-only-user"} <= found
+    assert "/run/secrets/key" not in found  # a key file's path; its content is registered when read
 
 
 def test_secrets_ignores_short_and_empty_values_and_keyless_redis():

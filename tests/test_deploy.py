@@ -14,6 +14,7 @@ import ast
 import configparser
 import fnmatch
 import json
+import os
 import re
 import shlex
 import shutil
@@ -338,6 +339,19 @@ def test_dockerfile_export_layer_copies_only_the_export_modules(df):
     # the runtime stage takes the exports, and checks them last
     assert any(split_flags(a)[0].get("from") == "onnx" for a in df.all("COPY"))
     assert build_steps(df)[-1] == ("runtime", "check")
+
+
+@pytest.mark.parametrize("extras_arg, export", [
+    ("local,openai,cohere,redis", "onnx"),   # compose's old args, which failed the build
+    ("openai", "onnx-int8"),
+])
+def test_image_build_export_step_refuses_an_export_without_the_onnx_extra(tmp_path, extras_arg, export):
+    """The clear early error; the working combination is built for real in test_deploy_build.py."""
+    env = dict(os.environ, VECSHIM_EXTRAS=extras_arg, ONNX_EXPORT=export, VECSHIM_ONNX_CACHE=str(tmp_path))
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "image_build.py"), "export"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "needs the onnx extra in VECSHIM_EXTRAS" in out.stderr
+    assert not list(tmp_path.iterdir())  # nothing exported
 
 
 def test_image_build_script_installs_with_the_lock():

@@ -104,6 +104,9 @@ def test_image_build_steps_run_in_a_fresh_venv_with_the_compose_build_args(tmp_p
                TORCH_VERSION=args["TORCH_VERSION"], TORCH_INDEX_URL="", HF_HUB_OFFLINE="1",
                HF_HOME=str(tmp_path / "hf"), VECSHIM_ONNX_CACHE=str(cache), PIP_DISABLE_PIP_VERSION_CHECK="1")
     env.pop("PIP_NO_CACHE_DIR", None)  # the pip cache keeps this bounded
+    # Same files as the image, minus the bytecode pip would compile. "0" is not a typo:
+    # pip reads a PIP_NO_* variable as the value of the positive option (compile=False).
+    env["PIP_NO_COMPILE"] = "0"
 
     def step(stage_name: str, name: str, cwd: Path, extra: dict[str, str] | None = None, timeout: float = 1200):
         stage = next(s for s in df.stages if s["name"] == stage_name)
@@ -130,6 +133,7 @@ def test_image_build_steps_run_in_a_fresh_venv_with_the_compose_build_args(tmp_p
              if norm(k) in locked and v.split("+")[0] != locked[norm(k)]}
     assert not drift, drift
     assert "vecshim" not in {norm(k) for k in installed}, "the deps layer must not install vecshim"
+    assert list(venv.glob("lib/python3*/site-packages/torch/__init__.py"))
 
     export = step("onnx", "export", build)
     sizes = {m.group(1): float(m.group(2)) for m in re.finditer(r"export (\S+): ([\d.]+) MB", export.stdout)}

@@ -63,6 +63,14 @@ def test_unset_var_makes_an_optional_model_unavailable_not_the_config_invalid():
     assert cfg.models["hosted"].options["api_key"] == "sk-test-1234"
 
 
+@pytest.mark.parametrize("spelling", [False, "false", "no"])
+def test_required_false_is_recognised_in_every_spelling_pydantic_accepts(spelling):
+    data = optional_config()
+    data["models"]["hosted"]["required"] = spelling
+    cfg = parse_config(data, {})
+    assert cfg.models["hosted"].required is False and set(cfg.unavailable) == {"hosted"}
+
+
 def test_unset_var_of_a_required_model_is_still_a_config_error():
     data = optional_config()
     del data["models"]["hosted"]["required"]
@@ -178,3 +186,35 @@ def test_config_check_warns_and_passes_for_an_unavailable_optional_model(tmp_pat
     out = subprocess.run([str(VENV_BIN / "vecshim"), "config", "check", str(path)], env=env,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and KEY_VAR in out.stderr
+
+
+def test_an_optional_model_whose_key_is_rejected_does_not_hold_ready(serve):
+    """A set but wrong key: the warm-up call gets OpenAI's 401, the model is `failed`, the rest serve."""
+    from tests.fakes.openai_upstream import FakeOpenAI
+
+    wrong = "sk-wrong-key-0123456789"
+    with FakeOpenAI(dim=8, api_key="sk-right-key-0123456789") as fake:
+        data = optional_config(api_key=wrong)
+        data["models"]["hosted"]["options"]["base_url"] = fake.url + "/v1"
+        s = serve(data)
+        assert get(s, "/.well-known/ready")[0] == 204
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            hosted = json.loads(get(s, "/meta")[2])["models"]["hosted"]
+            if hosted["state"] == "failed":
+                break
+            time.sleep(0.1)
+        assert hosted["state"] == "failed" and "401" in hosted["error"], hosted
+        assert any(r.path.endswith("/embeddings") for r in fake.requests)  # it really called upstream
+        status, _, body = post_json(s, "/models/hosted/vectors", {"text": "x"})
+        assert status == 503 and wrong.encode() not in body
+        assert wrong.encode() not in get(s, "/meta")[2]
+
+
+def test_an_unavailable_optional_fallback_is_dropped_not_fatal(serve):
+    data = optional_config()
+    data["models"]["fake"]["fallbacks"] = ["hosted"]
+    s = serve(data)
+    assert get(s, "/.well-known/ready")[0] == 204
+    assert s.state.models["fake"].fallbacks == []
+    assert post_json(s, "/vectors", {"text": "hello"})[0] == 200

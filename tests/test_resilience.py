@@ -312,7 +312,7 @@ def test_openai_budget_exhaustion_names_the_status(fake, backend):
     res, _ = make({"max_attempts": 100, "budget_s": 0.6, "base_delay_s": 0.05, "max_delay_s": 0.1},
                   {"failures": 1000})
     start = time.monotonic()
-    with pytest.raises(UpstreamError, match=r"openai upstream returned 503 \(injected 503\) after \d+ attempts"):
+    with pytest.raises(UpstreamError, match=r"openai upstream returned 503 \(upstream server error\) after \d+ attempts"):
         res.call(backend.embed, ["a"], "query")
     assert time.monotonic() - start <= 0.6 + 0.1
 

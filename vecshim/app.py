@@ -218,7 +218,8 @@ def build_models(config: Config, registry, cache, stats=None) -> dict[str, Model
             models[name].state, models[name].error = "unavailable", reason
             log.warning("model %r (required: false) is unavailable: %s", name, reason)
     for name, m in models.items():
-        m.fallbacks = [models[f] for f in config.models[name].fallbacks]
+        # an unavailable optional model can't be anyone's fallback (nor be compared with one)
+        m.fallbacks = [models[f] for f in config.models[name].fallbacks if models[f].state != "unavailable"]
         for fb in m.fallbacks:
             mine, theirs = m.fingerprint_parts(), fb.fingerprint_parts()
             if mine != theirs:
@@ -256,6 +257,10 @@ def _register_errors(app: Flask) -> None:
         return json_response({"error": f"{err.code} {err.name}: {err.description}"}, err.code or 500, headers)
 
     def unexpected(err: Exception):
+        if type(err).__module__.startswith("gunicorn.http"):
+            # A body gunicorn could not read (bad chunk, early end): the client's fault. Only
+            # reachable where vecshim's worker does not pre-read requests (TLS, HTTP/2).
+            return json_response({"error": f"malformed request body ({type(err).__name__})"}, 400)
         log.exception("unhandled error")
         return json_response({"error": f"internal error ({type(err).__name__}); see the server log"}, 500)
 

@@ -1,37 +1,37 @@
-"""Micro-batcher: gathers concurrent single-text requests into backend calls."""
+"""Micro-batcher: gathers concurrent requests' texts into backend calls, fairly.
+
+Interface (all a model needs)::
+
+    futures = batcher.submit(texts, tokens, key, deadline=...)  # one Future per text
+    vectors = batcher.wait(futures, timeout, gone=...)         # or use the futures directly
+
+`texts` are opaque to the batcher (strings, or pre-tokenized inputs): it
+passes them to `embed_fn(texts, key)` unchanged and only reads `tokens`.
+A caller cancels with `future.cancel()` (or `batcher.discard(futures)`),
+and cancelled or expired texts are never computed.
+"""
 from __future__ import annotations
 
+import collections
+import contextvars
 import logging
 import threading
 import time
+from concurrent.futures import FIRST_EXCEPTION, Future, InvalidStateError
+from concurrent.futures import wait as wait_futures
 from typing import Callable, Hashable, Sequence
 
-from .errors import BackendUnavailable, InferenceTimeout, Overloaded, UpstreamError
+from .errors import BackendUnavailable, ClientGone, InferenceTimeout, Overloaded, PayloadTooLarge, UpstreamError
 
-__all__ = ["Item", "Batcher", "plan_groups"]
+__all__ = ["Batcher", "plan_groups", "caller_gone"]
+
+#: Set by the server for each request: a function telling whether its client hung up.
+caller_gone: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
+    "vecshim_caller_gone", default=None)
+#: How often a waiting request checks whether its client is still there.
+GONE_POLL_S = 0.5
 
 log = logging.getLogger("vecshim.batching")
-
-
-class Item:
-    """One text waiting for its vector."""
-
-    __slots__ = ("text", "tokens", "key", "enqueued", "done", "result", "error", "cancelled")
-
-    def __init__(self, text: str, tokens: int, key: Hashable):
-        self.text = text
-        self.tokens = tokens
-        self.key = key
-        self.enqueued = time.monotonic()
-        self.done = threading.Event()
-        self.result = None
-        self.error: BaseException | None = None
-        self.cancelled = False
-
-    def resolve(self, result=None, error: BaseException | None = None) -> None:
-        """Hand the caller its vector or its error."""
-        self.result, self.error = result, error
-        self.done.set()
 
 
 def plan_groups(tokens: Sequence[int], *, max_size: int | None, max_tokens: int | None,
@@ -88,23 +88,67 @@ def _is_transient(err: BaseException) -> bool:
     return isinstance(err, BackendUnavailable) or (isinstance(err, UpstreamError) and err.retryable)
 
 
-class Batcher:
-    """One queue per model; worker threads take batches of same-key items.
+class _Job:
+    """One submit() call: its texts in order, their futures, its deadline."""
 
-    A worker does not wait when it finds a single item queued and the load is
+    __slots__ = ("key", "units", "next", "deadline", "enqueued", "dropped")
+
+    def __init__(self, key: Hashable, units: list, deadline: float | None):
+        self.key = key
+        self.units = units
+        self.next = 0  # index of the first text not yet taken
+        self.deadline = deadline
+        self.enqueued = time.monotonic()
+        self.dropped = False  # caller gone or deadline passed: compute nothing more
+
+
+class _Unit:
+    __slots__ = ("text", "tokens", "future", "job")
+
+    def __init__(self, text, tokens: int, future: Future, job: _Job):
+        self.text, self.tokens, self.future, self.job = text, tokens, future, job
+
+
+def _settle(future: Future, result=None, error: BaseException | None = None) -> None:
+    try:
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+    except InvalidStateError:  # cancelled or expired meanwhile: nobody is waiting
+        pass
+
+
+class Batcher:
+    """One queue per model; encoder threads take fair batches of same-key texts.
+
+    Fairness: a batch takes texts round-robin from the waiting requests (one
+    text from each in turn, up to `max_size`), and requests that contributed
+    move to the back of the queue, so a request with thousands of windows
+    shares the encoder with single-text requests instead of holding it.
+
+    Bounds: a request over `max_request_tokens` is refused (413); the queue
+    holds at most `max_queue` texts and `max_queue_tokens` tokens (503 with
+    Retry-After beyond), except that a request of at most `small_tokens`
+    tokens is only bounded by `max_queue`, so light clients are not refused
+    because of one heavy one. Texts whose caller gave up, or whose
+    request's deadline passed, are dropped, not computed.
+
+    A worker does not wait when it finds a single text queued and the load is
     sequential (nothing in flight, last batch of one); otherwise it waits up
-    to `max_wait_ms` after the oldest item arrived for the batch to fill to
-    `max_size`. `embed_fn(texts, key)` returns one vector per text.
+    to `max_wait_ms` after the oldest request arrived for the batch to fill.
 
     With a `gate` (hosted backends) coalescing adapts instead: a worker takes
     a batch only when `gate.delay()` is 0 (the upstream can take a call now)
-    and takes everything queued then, so texts pile up while calls are in
-    flight or the upstream pushes back, and a lone text on an idle upstream
-    goes at once. `gate.subscribe(fn)` wakes waiting workers when a call ends.
+    and takes everything queued then (up to `max_size`), so texts pile up while
+    calls are in flight or the upstream pushes back, and a lone text on an idle
+    upstream goes at once. `gate.subscribe(fn)` wakes waiting workers when a call ends.
     """
 
-    def __init__(self, name: str, embed_fn: Callable[[list[str], Hashable], Sequence], *,
+    def __init__(self, name: str, embed_fn: Callable[[list, Hashable], Sequence], *,
                  max_size: int, max_wait_ms: float, workers: int, max_queue: int,
+                 max_request_tokens: int | None = None, max_queue_tokens: int | None = None,
+                 small_tokens: int = 512,
                  backend_max_size: int | None = None, max_batch_tokens: int | None = None,
                  cost: tuple[float, float, float] | None = None,
                  on_batch: Callable[[int, float, float], None] | None = None,
@@ -116,6 +160,9 @@ class Batcher:
         self.max_size = max_size
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
+        self.max_request_tokens = max_request_tokens
+        self.max_queue_tokens = max_queue_tokens
+        self.small_tokens = small_tokens
         self.call_max_size = min(max_size, backend_max_size or max_size)
         self.max_batch_tokens = max_batch_tokens
         self.cost = cost
@@ -123,7 +170,9 @@ class Batcher:
         self.on_depth = on_depth
         self.thread_init = thread_init
         self.gate = gate
-        self._queue: list[Item] = []
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._queued = 0          # texts waiting (not yet taken)
+        self._queued_tokens = 0
         self._cond = threading.Condition()
         self._closed = False
         self._busy = 0
@@ -166,40 +215,125 @@ class Batcher:
     @property
     def depth(self) -> int:
         """Texts waiting in the queue."""
-        return len(self._queue)
+        return self._queued
+
+    @property
+    def queued_tokens(self) -> int:
+        """Tokens of the texts waiting in the queue."""
+        return self._queued_tokens
 
     @property
     def busy(self) -> int:
         """Texts queued or being embedded."""
-        return len(self._queue) + self._busy
+        return self._queued + self._busy
 
-    def submit(self, texts: Sequence[str], tokens: Sequence[int], key: Hashable) -> list[Item]:
-        """Queue texts; raises Overloaded (503) when the queue is full."""
-        items = [Item(t, n, key) for t, n in zip(texts, tokens)]
+    # -- callers -----------------------------------------------------------------
+    def submit(self, texts: Sequence, tokens: Sequence[int], key: Hashable, *,
+               deadline: float | None = None) -> list[Future]:
+        """Queue one request's texts; one Future per text, in order.
+
+        `deadline` (time.monotonic()) is when its caller stops waiting: texts
+        still queued then are dropped. Raises PayloadTooLarge (413) for a
+        request over the per-request limits and Overloaded (503) when the
+        queue is full.
+        """
+        n_tokens = sum(tokens)
+        if self.max_request_tokens is not None and n_tokens > self.max_request_tokens:
+            raise PayloadTooLarge(f"request has {n_tokens} tokens; model {self.name!r} accepts at most "
+                                  f"{self.max_request_tokens} per request (batch.max_request_tokens)")
+        if len(texts) > self.max_queue:
+            raise PayloadTooLarge(f"request has {len(texts)} texts (windows included); model {self.name!r} "
+                                  f"queues at most {self.max_queue} (batch.max_queue)")
+        job = _Job(key, [], deadline)
+        job.units = [_Unit(t, n, Future(), job) for t, n in zip(texts, tokens)]
         with self._cond:
             if self._closed:
                 raise BackendUnavailable(f"model {self.name!r} is shutting down")
-            if len(self._queue) + len(items) > self.max_queue and self._queue:
-                raise Overloaded(f"model {self.name!r} has {len(self._queue)} texts queued; retry later")
-            self._queue.extend(items)
-            self._cond.notify(len(items))
-            depth = len(self._queue)
+            if self._queued + len(texts) > self.max_queue:
+                raise Overloaded(f"model {self.name!r} has {self._queued} texts queued; retry later")
+            if self.max_queue_tokens is not None and n_tokens > self.small_tokens \
+                    and self._queued_tokens + n_tokens > self.max_queue_tokens:
+                raise Overloaded(f"model {self.name!r} has {self._queued_tokens} tokens queued "
+                                 f"(batch.max_queue_tokens); retry later")
+            self._jobs.append(job)
+            self._queued += len(texts)
+            self._queued_tokens += n_tokens
+            self._cond.notify(len(texts))
+            depth = self._queued
         if self.on_depth:
             self.on_depth(depth)
-        return items
+        for u in job.units:
+            u.future.vecshim_job = job  # lets discard() find the request
+        return [u.future for u in job.units]
 
-    def wait(self, items: Sequence[Item], timeout: float) -> list:
-        """Block until every item is done; on timeout cancel what is left (504)."""
+    def discard(self, futures: Sequence[Future], error: BaseException | None = None) -> None:
+        """Drop the requests these futures belong to: queued texts are never computed.
+
+        Their unfinished futures are cancelled, or given `error` if set.
+        """
+        jobs = {id(f.vecshim_job): f.vecshim_job for f in futures if hasattr(f, "vecshim_job")}
+        with self._cond:
+            for job in jobs.values():
+                self._drop_locked(job)
+            depth = self._queued
+        for job in jobs.values():
+            for u in job.units:
+                if error is None:
+                    u.future.cancel()
+                if not u.future.done():
+                    _settle(u.future, error=error or InferenceTimeout(f"model {self.name!r}: request dropped"))
+        if self.on_depth:
+            self.on_depth(depth)
+
+    def _drop_locked(self, job: _Job) -> None:
+        if job.dropped:
+            return
+        job.dropped = True
+        left = job.units[job.next:]
+        job.next = len(job.units)
+        self._queued -= len(left)
+        self._queued_tokens -= sum(u.tokens for u in left)
+        try:
+            self._jobs.remove(job)
+        except ValueError:
+            pass
+
+    def wait(self, futures: Sequence[Future], timeout: float, gone: Callable[[], bool] | None = None) -> list:
+        """Block until every future is done; the first error is raised.
+
+        On timeout (504), an error, or when `gone()` (default: the current
+        request's `caller_gone`) turns true, the request's remaining texts are
+        dropped from the queue.
+        """
+        gone = gone if gone is not None else caller_gone.get()
         deadline = time.monotonic() + timeout
-        for it in items:
-            if not it.done.wait(max(0.0, deadline - time.monotonic())):
-                for other in items:
-                    other.cancelled = True
-                raise InferenceTimeout(f"model {self.name!r} did not answer within {timeout:g} s")
-        for it in items:
-            if it.error is not None:
-                raise it.error
-        return [it.result for it in items]
+        pending = list(futures)
+        while pending:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                err = InferenceTimeout(f"model {self.name!r} did not answer within {timeout:g} s")
+                self.discard(futures, err)
+                raise err
+            done, rest = wait_futures(pending, timeout=min(left, GONE_POLL_S) if gone else left,
+                                      return_when=FIRST_EXCEPTION)
+            failed = next((f for f in done if not f.cancelled() and f.exception() is not None), None)
+            if failed is not None:
+                self.discard(futures, failed.exception())
+                raise failed.exception()
+            if any(f.cancelled() for f in done):
+                raise InferenceTimeout(f"model {self.name!r}: request cancelled")
+            if rest and gone is not None and gone():
+                self.discard(futures)
+                raise ClientGone("the client closed the connection; its texts were dropped")
+            pending = list(rest)
+        return [f.result() for f in futures]
+
+    # -- encoder threads ---------------------------------------------------------
+    def _expire_locked(self, now: float) -> list[_Job]:
+        expired = [j for j in self._jobs if j.deadline is not None and now > j.deadline]
+        for j in expired:
+            self._drop_locked(j)
+        return expired
 
     def _wake(self) -> None:
         with self._cond:
@@ -209,7 +343,7 @@ class Batcher:
         """Hold this worker while texts are queued but the upstream cannot take a call yet."""
         while True:
             with self._cond:
-                while not self._queue and not self._closed:
+                while not self._jobs and not self._closed:
                     self._cond.wait()
                 if self._closed:
                     return
@@ -220,46 +354,78 @@ class Batcher:
                 if not self._closed:
                     self._cond.wait(min(delay, 0.25))
 
-    def _take(self) -> list[Item] | None:
+    def _take(self) -> list[_Unit] | None:
         if self.gate is not None:
             self._await_gate()
         with self._cond:
-            if self.gate is not None and not self._queue and not self._closed:
+            if self.gate is not None and not self._jobs and not self._closed:
                 return []  # another worker took them; ask the gate again for new ones
-            while not self._queue:
+            while not self._jobs:
                 if self._closed:
                     return None
                 self._cond.wait()
             # Wait for company only under concurrent load: several texts queued, others
             # in flight, or a last batch of several. Otherwise the first text to arrive
             # after a batch returns goes alone, and calls carry 1 and n-1 texts in turn.
-            if self.max_wait > 0 and self.gate is None and (len(self._queue) > 1 or self._busy
+            if self.max_wait > 0 and self.gate is None and (self._queued > 1 or self._busy
                                                             or self._last_size > 1):
-                deadline = self._queue[0].enqueued + self.max_wait
-                while len(self._queue) < self.max_size and not self._closed:
+                deadline = self._jobs[0].enqueued + self.max_wait
+                while self._queued < self.max_size and not self._closed:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
                     self._cond.wait(left)
-                    if not self._queue:  # another worker took them
+                    if not self._jobs:  # another worker took them
                         return []
-            if not self._queue:
-                return []
-            key = self._queue[0].key
-            batch, rest = [], []
-            for it in self._queue:
-                if it.key == key and len(batch) < self.max_size:
-                    batch.append(it)
-                else:
-                    rest.append(it)
-            self._queue = rest
+            expired = self._expire_locked(time.monotonic())
+            batch = self._round_robin() if self._jobs else []
             self._busy += len(batch)
             self._last_size = len(batch)
-            if rest:
+            if self._jobs:
                 self._cond.notify()
+            depth = self._queued
+        for job in expired:
+            err = InferenceTimeout(f"model {self.name!r}: the request's deadline passed while queued")
+            for u in job.units:
+                _settle(u.future, error=err)
         if self.on_depth:
-            self.on_depth(len(rest))
+            self.on_depth(depth)
         return batch
+
+    def _round_robin(self) -> list[_Unit]:
+        """One text from each waiting request of the first request's key, in turn.
+
+        The next batch resumes the turn where this one stopped; requests of
+        other keys move ahead, so keys alternate too.
+        """
+        key = self._jobs[0].key
+        active = [j for j in self._jobs if j.key == key]
+        others = [j for j in self._jobs if j.key != key]
+        batch: list[_Unit] = []
+        i = 0
+        while len(batch) < self.max_size and active:
+            job = active[i % len(active)]
+            unit = self._pop_locked(job)
+            if unit is None:
+                active.remove(job)  # the next request slides into this turn
+                continue
+            batch.append(unit)
+            i += 1
+        if active:
+            k = i % len(active)
+            active = active[k:] + active[:k]
+        self._jobs = collections.deque(others + [j for j in active if j.next < len(j.units)])
+        return batch
+
+    def _pop_locked(self, job: _Job) -> _Unit | None:
+        while job.next < len(job.units):
+            unit = job.units[job.next]
+            job.next += 1
+            self._queued -= 1
+            self._queued_tokens -= unit.tokens
+            if unit.future.set_running_or_notify_cancel():
+                return unit
+        return None
 
     def _run(self) -> None:
         if self.thread_init:
@@ -268,22 +434,21 @@ class Batcher:
             batch = self._take()
             if batch is None:
                 return
-            live = [it for it in batch if not it.cancelled]
             try:
-                if live:
+                if batch:
                     start = time.monotonic()
-                    wait = start - min(it.enqueued for it in live)
-                    groups = plan_groups([it.tokens for it in live], max_size=self.call_max_size,
+                    wait = start - min(u.job.enqueued for u in batch)
+                    groups = plan_groups([u.tokens for u in batch], max_size=self.call_max_size,
                                          max_tokens=self.max_batch_tokens, cost=self.cost)
                     for g in groups:
-                        self._embed([live[i] for i in g])
+                        self._embed([batch[i] for i in g])
                     if self.on_batch:
-                        self.on_batch(len(live), wait, time.monotonic() - start)
+                        self.on_batch(len(batch), wait, time.monotonic() - start)
             except BaseException as err:  # never let a worker die with callers waiting
                 log.exception("batch worker for model %r failed", self.name)
-                for it in live:
-                    if not it.done.is_set():
-                        it.resolve(error=err)
+                for u in batch:
+                    if not u.future.done():
+                        _settle(u.future, error=err)
             finally:
                 with self._cond:
                     self._busy -= len(batch)
@@ -293,27 +458,30 @@ class Batcher:
                         self._stuck.discard(me)
                         return
 
-    def _embed(self, items: list[Item]) -> None:
+    def _embed(self, units: list[_Unit]) -> None:
+        units = [u for u in units if not u.job.dropped and not u.future.done()]
+        if not units:
+            return  # every caller of this group left or timed out meanwhile
         me = threading.get_ident()
         try:
             self._calls[me] = time.monotonic()  # the watchdog reads it
             try:
-                vectors = self.embed_fn([it.text for it in items], items[0].key)
+                vectors = self.embed_fn([u.text for u in units], units[0].job.key)
             finally:
                 self._calls.pop(me, None)
         except Exception as err:
-            if len(items) > 1 and not _is_transient(err):
-                mid = len(items) // 2
-                self._embed(items[:mid])
-                self._embed(items[mid:])
+            if len(units) > 1 and not _is_transient(err):
+                mid = len(units) // 2
+                self._embed(units[:mid])
+                self._embed(units[mid:])
                 return
-            if len(items) == 1 or _is_transient(err):
-                log.debug("embed failed for %d texts: %s", len(items), err)
-            for it in items:
-                it.resolve(error=err)
+            if len(units) == 1 or _is_transient(err):
+                log.debug("embed failed for %d texts: %s", len(units), err)
+            for u in units:
+                _settle(u.future, error=err)
             return
-        for it, v in zip(items, vectors):
-            it.resolve(result=v)
+        for u, v in zip(units, vectors):
+            _settle(u.future, result=v)
 
     def close(self, timeout: float = 30.0) -> bool:
         """Stop taking new texts, finish the queued ones, join workers; True if drained."""

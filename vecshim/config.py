@@ -8,7 +8,6 @@ import types
 import typing
 from pathlib import Path
 from typing import Any, Literal, Union
-from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
@@ -27,6 +26,7 @@ ENV_CONFIG = "VECSHIM_CONFIG"
 DEFAULT_MODEL_NAME = "minilm"
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}|\$\$")
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+_SECRET_KEY = re.compile(r"key|token|secret|password|passwd|credential|auth", re.I)
 #: Validation context under which Config skips its cross-field rules
 #: (vecshim.check reports those itself, next to the schema errors).
 CHECK_CONTEXT = {"vecshim_skip_cross_field": True}
@@ -53,6 +53,11 @@ class BatchConfig(_Strict):
     workers: int | None = Field(None, ge=1, le=64)
     #: Queued texts beyond which requests get a fast 503 with Retry-After.
     max_queue: int = Field(4096, ge=1)
+    #: Most tokens (long-text windows included) one request may bring (413 beyond).
+    #: None: 65,536 for a model computed in-process, 1,048,576 for a hosted one.
+    max_request_tokens: int | None = Field(None, ge=1)
+    #: Queued tokens beyond which requests above one text's worth get a 503 (None: 4 x max_request_tokens).
+    max_queue_tokens: int | None = Field(None, ge=1)
 
 
 class PrefixConfig(_Strict):
@@ -130,6 +135,10 @@ class ServerConfig(_Strict):
     """Request limits and auth."""
 
     max_request_mb: float = Field(16, gt=0)
+    #: Longest pause while a request's headers and body arrive (408 beyond; gunicorn only).
+    read_timeout_s: float = Field(5.0, gt=0, le=300)
+    #: Longest time to receive one whole request once it began (408 beyond; gunicorn only).
+    read_total_s: float = Field(30.0, gt=0, le=600)
     max_texts_per_request: int = Field(2048, ge=1)
     max_text_chars: int = Field(1_000_000, ge=1)
     auth: AuthConfig = Field(default_factory=AuthConfig)
@@ -179,16 +188,32 @@ class Config(_Strict):
         return self
 
     def secrets(self) -> list[str]:
-        """Every secret-looking value in the config (for log redaction)."""
+        """Every secret in the config (for log redaction): values under secret-looking keys
+        (key, token, secret, password, at any depth of a model's options), bearer tokens,
+        and credentials inside any URL."""
+        from .logs import url_secrets
+
         found = list(self.server.auth.embed_tokens) + list(self.server.auth.metrics_tokens)
-        for model in self.models.values():
-            for key, value in model.options.items():
-                if isinstance(value, str) and value and re.search(r"key|token|secret|password", key, re.I):
+
+        def walk(value, secret: bool) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    # a *_file option names where the secret is; its content is registered on reading
+                    walk(v, secret or (bool(_SECRET_KEY.search(str(k))) and not str(k).endswith("_file")))
+            elif isinstance(value, (list, tuple)):
+                for v in value:
+                    walk(v, secret)
+            elif isinstance(value, str) and value:
+                if secret:
                     found.append(value)
+                if "@" in value and "://" in value:
+                    found.extend(url_secrets(value))
+
+        for model in self.models.values():
+            walk(model.options, False)
         for url in (self.cache.redis_url, self.budget.redis_url):
-            password = urlsplit(url).password if url else None
-            if password:
-                found.append(password)
+            if url:
+                found.extend(url_secrets(url))
         return [s for s in found if len(s) >= 4]
 
 
@@ -321,6 +346,11 @@ def format_validation_error(err: ValidationError, prefix: str = "", root: type[B
     return "\n".join(lines)
 
 
+def _is_false(value: Any) -> bool:
+    """Whether pydantic reads `value` as a false bool (`false`, "false", "no", 0...)."""
+    return value is False or (isinstance(value, str) and value.strip().lower() in ("false", "no", "off", "0", "f", "n"))
+
+
 def parse_config(data: Any, env: dict[str, str] | None = None) -> Config:
     """Validate a mapping (already loaded from YAML) into a Config."""
     if data is None:
@@ -328,7 +358,7 @@ def parse_config(data: Any, env: dict[str, str] | None = None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError("<root>: the config must be a mapping")
     models = data.get("models")
-    optional = {n: m for n, m in models.items() if isinstance(m, dict) and m.get("required") is False} \
+    optional = {n: m for n, m in models.items() if isinstance(m, dict) and _is_false(m.get("required"))} \
         if isinstance(models, dict) else {}
     # An optional model's unset ${VAR}s make that model unavailable, not the config invalid.
     unavailable, expanded = {}, {}

@@ -6,7 +6,7 @@ import reprlib
 __all__ = [
     "VecshimError", "ConfigError", "BadRequest", "NotFound", "UnknownModelError",
     "UnknownBackendError", "PayloadTooLarge", "BackendError", "UpstreamError", "BackendUnavailable",
-    "Overloaded", "InferenceTimeout", "Unauthorized", "brief",
+    "Overloaded", "InferenceTimeout", "Unauthorized", "ClientGone", "brief",
 ]
 
 _BRIEF = reprlib.Repr()
@@ -126,3 +126,9 @@ class InferenceTimeout(VecshimError):
     """The request waited longer than the model's timeout (504)."""
 
     status = 504
+
+
+class ClientGone(VecshimError):
+    """The client closed its connection while its texts waited; they were dropped (499)."""
+
+    status = 499

@@ -22,6 +22,12 @@ __all__ = ["Model", "build_backend", "UnavailableBackend", "WARMUP_TEXT"]
 
 log = logging.getLogger("vecshim.model")
 WARMUP_TEXT = "vecshim warm-up: the quick brown fox jumps over the lazy dog."
+#: Default per-request token limits (docs/operations.md "Connections" has the measurements).
+LOCAL_REQUEST_TOKENS = 65_536
+HOSTED_REQUEST_TOKENS = 1_048_576
+#: A prefix of (limit + 1) x this many characters holds more than `limit` tokens in
+#: most text (about 4-5 characters per token), so probing it refuses early.
+_PROBE_CHARS_PER_TOKEN = 6
 
 
 def build_backend(name: str, cfg: ModelConfig, cls: type[Backend]) -> Backend:
@@ -136,6 +142,13 @@ class Model:
             **({"rate_budget": self.budget.info()} if self.budget is not None else {}),
         }
 
+    @property
+    def max_request_tokens(self) -> int:
+        """Most tokens one request may bring (windows included); see BatchConfig."""
+        if self.cfg.batch.max_request_tokens is not None:
+            return self.cfg.batch.max_request_tokens
+        return LOCAL_REQUEST_TOKENS if self.backend.in_process else HOSTED_REQUEST_TOKENS
+
     # -- lifecycle ------------------------------------------------------
     @property
     def ready(self) -> bool:
@@ -165,7 +178,9 @@ class Model:
             self.batcher = Batcher(
                 self.name, self._embed_batch, max_size=max_size, gate=self.resilience if hosted else None,
                 max_wait_ms=self.cfg.batch.max_wait_ms, workers=workers,
-                max_queue=self.cfg.batch.max_queue, backend_max_size=self.backend.max_batch_size,
+                max_queue=self.cfg.batch.max_queue, max_request_tokens=self.max_request_tokens,
+                max_queue_tokens=self.cfg.batch.max_queue_tokens or 4 * self.max_request_tokens,
+                small_tokens=self.backend.max_input_tokens or 512, backend_max_size=self.backend.max_batch_size,
                 max_batch_tokens=self.backend.max_batch_tokens, cost=self.backend.batch_cost,
                 on_batch=self.stats.batch_observer(self.name) if self.stats else None,
                 on_depth=self.stats.depth_observer(self.name) if self.stats else None,
@@ -313,7 +328,7 @@ class Model:
         prefix = self.cfg.prefixes.query if task == "query" else self.cfg.prefixes.passage
         limit = self.backend.max_input_tokens
         inputs = [prefix + t for t in texts]
-        counts = self.backend.count_tokens(inputs)
+        counts = self._count_within_limit(inputs)
         units: list[str] = []
         unit_tokens: list[int] = []
         spans: list[tuple[int, int]] = []
@@ -333,8 +348,9 @@ class Model:
                 units.extend(prefix + w for w in windows)
                 unit_tokens.extend(self.backend.count_tokens([prefix + w for w in windows]))
             spans.append((start, len(units)))
-        items = self.batcher.submit(units, unit_tokens, self._task_key(task))
-        vecs = self.batcher.wait(items, self.cfg.timeout_s)
+        deadline = time.monotonic() + self.cfg.timeout_s
+        futures = self.batcher.submit(units, unit_tokens, self._task_key(task), deadline=deadline)
+        vecs = self.batcher.wait(futures, self.cfg.timeout_s)
         out = []
         for a, b in spans:
             if b - a == 1:
@@ -348,6 +364,38 @@ class Model:
                 v = _unit(v)
             out.append(np.ascontiguousarray(v, dtype=np.float32))
         return out
+
+
+    def _count_within_limit(self, inputs: list[str]) -> list[int]:
+        """Token counts, refusing (413) an over-size request before tokenizing all of it.
+
+        Counting a megabyte of text takes seconds. Texts are counted in groups
+        of about the limit's worth of characters, stopping once the total is
+        over; a long text is first probed by a prefix, whose count (if over
+        what is left) proves the request too large at a cost bounded by the limit.
+        """
+        limit = self.max_request_tokens
+        budget = (limit + 1) * _PROBE_CHARS_PER_TOKEN
+        counts: list[int] = []
+        total, i, n = 0, 0, len(inputs)
+        while i < n:
+            j, size = i + 1, len(inputs[i])
+            while j < n and size + len(inputs[j]) <= budget:
+                size += len(inputs[j])
+                j += 1
+            if size > budget:  # one long text: probe a prefix first
+                room = limit - total
+                if self.backend.count_tokens([inputs[i][:(room + 1) * _PROBE_CHARS_PER_TOKEN]])[0] > room:
+                    total = limit + 1
+            if total <= limit:
+                got = self.backend.count_tokens(inputs[i:j])
+                counts.extend(got)
+                total += sum(got)
+            if total > limit:
+                raise PayloadTooLarge(f"request has more than {limit} tokens; model {self.name!r} accepts at "
+                                      f"most {limit} per request (batch.max_request_tokens)")
+            i = j
+        return counts
 
 
 def _unit(v: np.ndarray) -> np.ndarray:

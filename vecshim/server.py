@@ -23,7 +23,9 @@ log = logging.getLogger("vecshim.server")
 #: Settings `vecshim serve` passes to gunicorn (see docs/operations.md).
 DEFAULTS = {
     "bind": "0.0.0.0:8080",
-    "worker_class": "gthread",
+    # gthread, but each request is read whole in the event loop before a
+    # thread sees it (vecshim/worker.py): slow clients cannot hold threads.
+    "worker_class": "vecshim.worker.VecshimWorker",
     # Requests mostly wait on the batcher, so many threads cost little and
     # let tens of Weaviate requests queue into one batch.
     "threads": 64,

@@ -19,6 +19,7 @@ limit per second does. `retry_after="0.2"` fixes the 429s' Retry-After.
 """
 from __future__ import annotations
 
+import base64
 import collections
 import hashlib
 import json
@@ -31,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Callable
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 __all__ = ["Fault", "FakeUpstream", "Recorded", "status", "slow", "reset", "malformed",
            "wrong_count", "wrong_length", "nan", "nan_string"]
@@ -117,6 +118,8 @@ class FakeUpstream:
 
     #: Also send OpenAI's `retry-after-ms` next to `Retry-After` when rate limiting.
     retry_after_ms_header = False
+    #: Echo the presented key in every injected error, in several encodings (leak tests).
+    echo_key = False
 
     def __init__(self, *, dim: int = 8, api_key: str = "test-key", latency_s: float = 0.0,
                  rate_limit: float | None = None, tokens_per_minute: int | None = None,
@@ -320,7 +323,7 @@ class FakeUpstream:
         kind = fault.kind if fault else None
         if kind == "status":
             headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
-            body = self.error_body(fault.status, f"injected {fault.status}", fault.code)
+            body = self.error_body(fault.status, self._echo(f"injected {fault.status}", request), fault.code)
             return _send(handler, fault.status, body, headers)
         if kind == "slow":
             time.sleep(fault.seconds)
@@ -331,6 +334,17 @@ class FakeUpstream:
         mutate = _MUTATIONS.get(kind, lambda vectors: vectors)
         code, payload = self.answer(request, mutate)
         _send(handler, code, payload, self._limits())
+
+    def _echo(self, message: str, request: Recorded) -> str:
+        """With `echo_key`: the message plus the presented key plain, masked, URL-encoded,
+        base64 and JSON-escaped, as careless upstreams and proxies do."""
+        key = self.credentials(request)
+        if not self.echo_key or not key:
+            return message
+        masked = f"{key[:8]}****{key[-4:]}"
+        return (f"{message}; key {key}; masked {masked}; url {quote(key, safe='')}; "
+                f"b64 {base64.b64encode(key.encode()).decode()}; "
+                f"json {json.dumps(key).replace('/', chr(92) + '/')}; header Bearer {key}")
 
     def _auth_message(self, request: Recorded) -> str:
         # Echo the whole presented key, worse than real providers, so leak tests bite.

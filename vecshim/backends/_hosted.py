@@ -1,6 +1,7 @@
 """Helpers shared by the hosted-API backends: keys, reply checks, redaction."""
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -11,6 +12,10 @@ from urllib.parse import urlsplit
 from pydantic import SecretStr
 
 from ..errors import BackendError, ConfigError
+from ..logs import redact as redact_known
+from ..logs import register_secret
+
+log = logging.getLogger("vecshim.upstream")
 
 #: Things that look like API keys, in case an upstream echoes one back.
 _KEY_LIKE = re.compile(r"\b(sk|pk|rk|key)-[A-Za-z0-9_*.\-]{4,}|\bBearer\s+\S+", re.IGNORECASE)
@@ -20,10 +25,18 @@ MAX_DETAIL = 300
 
 def resolve_api_key(api_key: SecretStr | None, api_key_file: Path | None,
                     env_names: Sequence[str], backend: str) -> str | None:
-    """Return the key from the option, the key file or the first set env variable.
+    """Return the key from the option, the key file or the first set env variable,
+    and add it to the process's redaction list, wherever it came from.
 
     An empty `api_key` (say, from an unset `${VAR:-}`) counts as not set.
     """
+    key = _find_api_key(api_key, api_key_file, env_names, backend)
+    register_secret(key)
+    return key
+
+
+def _find_api_key(api_key: SecretStr | None, api_key_file: Path | None,
+                  env_names: Sequence[str], backend: str) -> str | None:
     if api_key is not None and api_key.get_secret_value():
         return api_key.get_secret_value()
     if api_key_file is not None:
@@ -64,11 +77,30 @@ def endpoint_host(url: Any) -> str | None:
 
 
 def redact(text: str, secret: str | None) -> str:
-    """Return `text`, shortened, without `secret` or anything that looks like a key."""
+    """Return `text` without `secret`, any known secret or anything that looks like a key,
+    then shortened (redaction first: a cut could leave part of a key unrecognised)."""
     if secret:
         text = text.replace(secret, "[redacted]")
-    text = _KEY_LIKE.sub("[redacted]", text)
+    text = _KEY_LIKE.sub("[redacted]", redact_known(text))
     return text if len(text) <= MAX_DETAIL else text[:MAX_DETAIL] + "..."
+
+
+#: What a client is told for an upstream status (the upstream's own text goes only to the log).
+_STATUS_TEXT = {400: "the upstream rejected the request", 404: "model or route not found upstream",
+                408: "upstream request timeout", 409: "conflict upstream", 413: "request too large for the upstream",
+                422: "the upstream rejected the input", 429: "rate limited"}
+
+
+def upstream_detail(backend: str, status: int, text: str, secret: str | None) -> str:
+    """Log an upstream error's (redacted) text; return the vecshim message a client may see.
+
+    Upstream error bodies can echo keys in forms no redaction recognises, so
+    their text never reaches a client verbatim.
+    """
+    log.warning("%s upstream returned %d: %s", backend, status, redact(text, secret))
+    if status >= 500:
+        return "upstream server error"
+    return _STATUS_TEXT.get(status, "upstream error")
 
 
 def check_vectors(vectors: Sequence[Any], count: int, dimensions: int | None,

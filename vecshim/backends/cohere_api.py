@@ -17,7 +17,7 @@ from ..errors import BackendError, ConfigError, UpstreamError
 from ..hookspecs import hookimpl
 from ..budget import account_id
 from ..ratelimit import Reply, read_cohere_headers
-from ._hosted import check_vectors, endpoint_host, key_problems, redact, resolve_api_key
+from ._hosted import check_vectors, endpoint_host, key_problems, redact, resolve_api_key, upstream_detail
 
 __all__ = ["CohereBackend", "CohereOptions"]
 
@@ -177,7 +177,7 @@ class CohereBackend(Backend):
         elif status == 429:
             detail = "rate limited"
         else:
-            detail = redact(_error_message(getattr(exc, "body", None)), self._key)
+            detail = upstream_detail(self.name, status, _error_message(getattr(exc, "body", None)), self._key)
         info = read_cohere_headers(getattr(exc, "headers", None))
         error = UpstreamError(f"cohere upstream returned {status} ({detail})",
                               upstream_status=status, retryable=retryable,
@@ -192,7 +192,7 @@ def _error_message(body: Any) -> str:
         return str(body["message"])
     if body is None:
         return "no details"
-    return body[:200] if isinstance(body, str) else json.dumps(body)[:200]
+    return body if isinstance(body, str) else json.dumps(body)
 
 
 @hookimpl

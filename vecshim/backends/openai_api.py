@@ -17,7 +17,7 @@ from ..errors import BackendError, ConfigError, UpstreamError
 from ..hookspecs import hookimpl
 from ..budget import account_id
 from ..ratelimit import Reply, read_openai_headers
-from ._hosted import check_vectors, endpoint_host, key_problems, redact, resolve_api_key
+from ._hosted import check_vectors, endpoint_host, key_problems, redact, resolve_api_key, upstream_detail
 
 __all__ = ["OpenAIBackend", "OpenAIOptions"]
 
@@ -198,7 +198,7 @@ class OpenAIBackend(Backend):
         elif status == 429:
             detail = "rate limited"
         else:
-            detail = redact(_error_message(exc.body), self._key)
+            detail = upstream_detail(self.name, status, _error_message(exc.body), self._key)
         info = read_openai_headers(exc.response.headers)
         error = UpstreamError(f"openai upstream returned {status} ({detail})",
                               upstream_status=status, retryable=retryable,
@@ -219,7 +219,7 @@ def _error_message(body: Any) -> str:
         message = error.get("message") if isinstance(error, dict) else error
         if message:
             return str(message)
-    return json.dumps(body)[:200] if body is not None else "no details"
+    return json.dumps(body) if body is not None else "no details"
 
 
 @hookimpl
