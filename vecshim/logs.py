@@ -187,6 +187,7 @@ def _quiet_http_clients() -> None:
 
 def make_formatter(fmt: str = "text", secrets: list[str] | None = None) -> logging.Formatter:
     """The formatter (with redaction) for `logging.format`; a dictConfig factory too."""
+    register_secret(*(os.environ.get(name) for name in SDK_KEY_ENV))  # the gunicorn master's too
     return VecshimFormatter(fmt, secrets)
 
 
