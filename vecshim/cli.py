@@ -160,6 +160,8 @@ def _input_lines(args):
         except OSError as err:
             raise VecshimError(f"cannot read {args.input}: {err.strerror}") from None
         return f, count_lines(args.input)
+    if sys.stdin.isatty():
+        print("reading texts from the terminal, one per line; end with Ctrl-D", file=sys.stderr)
     return stdin_lines(), None
 
 
