@@ -9,6 +9,7 @@ malformed request gets its JSON error and its connection closed.
 from __future__ import annotations
 
 import json
+import random
 import socket
 import threading
 import time
@@ -331,3 +332,130 @@ def test_expect_100_continue_gets_one_interim_reply_then_the_answer(server):
         assert status == 200 and json.loads(reply)["text"] == "sent after 100 Continue"
     finally:
         s.close()
+
+
+# -- heavy requests: bounded, fair, never a 503 for light clients -------------------------
+
+def light_loop(port: int, stop: threading.Event, statuses: list, finished_at: list) -> None:
+    """A light /vectors client: one request after another until `stop`, at least 3."""
+    c = GoClient("127.0.0.1", port, timeout=WAIT * 2)
+    try:
+        i = 0
+        while not stop.is_set() or i < 3:
+            r = c.request("POST", "/vectors", vec_request(f"light {i}"))
+            statuses.append(r.status)
+            finished_at.append(time.monotonic())
+            i += 1
+    except Exception as err:
+        statuses.append(repr(err))
+    finally:
+        c.close()
+
+
+def test_a_many_window_request_shares_the_encoder_with_light_requests(tmp_path):
+    """Round-robin between requests: light requests finish while a 2000-window request is still running."""
+    cfg = {**fake_model(max_input_tokens=2, delay_s=0.01), "cache": {"enabled": False}}
+    cfg["models"]["fake"]["batch"] = {"max_size": 8, "workers": 1, "max_wait_ms": 0}
+    proc = start(tmp_path, cfg, "--workers", "1")
+    try:
+        heavy_done, heavy = [], []
+        text = " ".join(f"w{i}" for i in range(4000))  # 2000 windows: at least 250 calls of 10 ms
+
+        def send_heavy():
+            c = GoClient("127.0.0.1", proc.port, timeout=120)
+            heavy.append(c.request("POST", "/vectors", vec_request(text)))
+            heavy_done.append(time.monotonic())
+            c.close()
+
+        t = threading.Thread(target=send_heavy)
+        t.start()
+        time.sleep(0.5)  # the heavy request is queued and running
+        statuses, finished_at = [], []
+        stop_light = threading.Event()
+        stop_light.set()  # exactly 3 light requests, one after another
+        light_loop(proc.port, stop_light, statuses, finished_at)
+        t.join(120)
+        assert statuses == [200, 200, 200] and heavy[0].status == 200
+        assert max(finished_at) < heavy_done[0], "light requests waited for the whole heavy request"
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def minilm_server(tmp_path_factory):
+    """`vecshim serve` with the bundled model and default limits."""
+    tmp = tmp_path_factory.mktemp("hostile-minilm")
+    proc = start(tmp, {"cache": {"enabled": False}, "plugins": {"entrypoints": False}}, "--workers", "1")
+    yield proc
+    stop(proc)
+
+
+def words(n_chars: int, seed: int) -> str:
+    """English-like text of exactly `n_chars` characters (about 5 characters per token)."""
+    vocab = ("vector database embedding weaviate object property schema module query passage "
+             "the quick brown fox jumps over lazy dog river thames london bridge").split()
+    rng = random.Random(seed)
+    text = " ".join(rng.choices(vocab, k=n_chars // 5))
+    while len(text) < n_chars:
+        text += " " + " ".join(rng.choices(vocab, k=1000))
+    return text[:n_chars]
+
+
+def test_fifteen_one_million_character_texts_are_answered_and_light_clients_see_no_503(minilm_server):
+    """The issue's case: 15 x 1M characters in one /v1/embeddings call (inside every size limit)."""
+    port = minilm_server.port
+    text = words(1_000_000, 1)
+    body = json.dumps({"input": [text[k * 997:] + text[:k * 997] for k in range(15)], "model": "minilm"}).encode()
+    assert len(body) < 16 * 1024 * 1024
+    stop_light, statuses, finished_at = threading.Event(), [], []
+    light = threading.Thread(target=light_loop, args=(port, stop_light, statuses, finished_at))
+    light.start()
+    try:
+        c = GoClient("127.0.0.1", port, timeout=120)
+        started = time.monotonic()
+        r = c.request("POST", "/v1/embeddings", body, {"Content-Type": "application/json"})
+        took = time.monotonic() - started
+        c.close()
+    finally:
+        stop_light.set()
+        light.join(WAIT * 4)
+    assert took < 50, f"answered after {took:.0f} s, past Weaviate's 50 s client timeout"
+    assert r.status == 413 and "batch.max_request_tokens" in r.json()["error"]["message"], r.body[:300]
+    assert statuses and all(s == 200 for s in statuses), statuses  # no 503, no error
+    # One 1M-character text alone is refused the same way (the documented default limit).
+    c = GoClient("127.0.0.1", port, timeout=120)
+    r = c.request("POST", "/vectors", vec_request(words(1_000_000, 99)))
+    assert r.status == 413 and "batch.max_request_tokens" in r.json()["error"]
+    assert c.request("POST", "/vectors", vec_request("still serving")).status == 200
+    c.close()
+
+
+def test_the_texts_of_a_client_that_hung_up_are_dropped_not_computed(tmp_path):
+    from test_production import metric
+
+    cfg = {**fake_model(max_input_tokens=1, delay_s=0.05), "cache": {"enabled": False}}
+    cfg["models"]["fake"]["batch"] = {"max_size": 1, "workers": 1, "max_wait_ms": 0}
+    proc = start(tmp_path, cfg, "--workers", "1")
+    try:
+        c = GoClient("127.0.0.1", proc.port)
+
+        def embedded() -> float:
+            return metric(c.request("GET", "/metrics").body.decode(), "vecshim_batch_size_sum")
+
+        before = embedded()
+        s = connect(proc.port)  # 300 one-word windows, one 50 ms call each: at least 15 s of work
+        s.sendall(request_bytes(vec_request(" ".join(f"w{i}" for i in range(300)))))
+        time.sleep(1.0)
+        s.close()  # the client hangs up while its windows are queued
+        deadline = time.monotonic() + WAIT
+        while metric(c.request("GET", "/metrics").body.decode(), "vecshim_requests_total", status="499") < 1:
+            assert time.monotonic() < deadline, "the server never noticed the client had gone"
+            time.sleep(0.2)
+        dropped_at = embedded()
+        time.sleep(1.0)
+        assert embedded() <= dropped_at + 1  # at most the call already running finished
+        assert dropped_at - before < 300
+        assert c.request("POST", "/vectors", vec_request("after")).status == 200
+        c.close()
+    finally:
+        stop(proc)
