@@ -20,10 +20,12 @@ def loaded_model(**batch):
 
 
 def test_chunks_stay_inside_the_request_token_limit():
-    state, model = loaded_model(max_request_tokens=200, max_queue_tokens=400)
+    # (the model's load check embeds a ~1,200-token text, so the limit cannot go lower)
+    state, model = loaded_model(max_request_tokens=2000, max_queue_tokens=4000)
     try:
-        assert chunk_limits(model) == (1024, 150)  # min(200, 400 / 2) x 3/4 characters
-        texts = [f"text number {i} " + "word " * (i % 7) for i in range(300)]
+        assert chunk_limits(model) == (1024, 1500)  # min(2000, 4000 / 2) x 3/4 characters
+        texts = [f"text number {i} " + "word " * (i % 11) for i in range(300)]
+        assert sum(len(t.split()) for t in texts) > 2000  # one chunk of all of them would be refused
         records = list(read_records([t + "\n" for t in texts], "text", "text", "id"))
         out = list(embed_records(model, records))
         assert [r.text for r, _ in out] == texts
