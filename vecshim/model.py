@@ -178,7 +178,7 @@ class Model:
         """Load the backend, start the batcher and learn (or check) the dimension."""
         start = time.monotonic()
         workers = self.cfg.batch.workers or self.backend.concurrency or 1
-        self.backend.concurrency = workers  # a local backend sizes its threads per worker
+        self.backend.plan_threads(workers)  # a local backend sizes its threads per caller
         self.backend.load()
         self._read_capabilities()
         space.require_identity(self.name, self.backend)
