@@ -71,7 +71,7 @@ def serve():
 def fake_config(**model_opts) -> dict:
     """A one-model config on FakeBackend; keyword args go to the model's `options`."""
     policies = {k: model_opts.pop(k) for k in ("long_text", "prefixes", "normalize", "matryoshka", "batch",
-                                              "timeout_s") if k in model_opts}
+                                              "timeout_s", "dimensions", "fallbacks") if k in model_opts}
     return {"models": {"fake": {"backend": "fake", "options": model_opts, **policies}},
             "cache": {"enabled": False}}
 

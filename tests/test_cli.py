@@ -33,6 +33,9 @@ from vecshim import Backend, hookimpl
 class BrokenBackend(Backend):
     name = "broken"
 
+    def info(self):
+        return {"model": "corrupt"}
+
     def load(self):
         raise RuntimeError("weights are corrupt")
 
@@ -260,7 +263,8 @@ def test_config_check_fallback_into_another_vector_space(fake_conf):
     proc = run("config", "check", str(path), cwd="/")
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr.splitlines() == [
-        f"{path}: models.a.fallbacks.0: 'b' embeds into a different vector space (backend.dim: 8 vs 16)"]
+        f"{path}: models.a.fallbacks.0: fallback b: backend.dim 16 \u2260 8 "
+        f"(a fallback must embed into the same vector space)"]
 
 
 def test_config_check_plugin_and_model_problems_together(tmp_path):
@@ -573,7 +577,7 @@ def test_embed_load_timeout(fake_conf):
 
 
 def test_embed_bad_request_is_a_clean_error(fake_conf):
-    proc = run("embed", "-c", str(fake_conf()), "--dimensions", "4", "hi")
+    proc = run("embed", "-c", str(fake_conf()), "--dimensions", "99", "hi")  # above the native 8
     assert (proc.returncode, proc.stdout) == (1, "")
     assert proc.stderr.startswith("error: ")
     assert_no_traceback(proc)

@@ -89,8 +89,9 @@ def test_vectors_exact_weaviate_request_without_content_type(serve):
     b'{"text":"hello","config":null}',
     b'{"text":"hello","config":{}}',
     b'{"text":"hello","config":{"task_type":"passage"}}',
-    b'{"text":"hello","config":{"pooling_strategy":"cls"}}',
-    b'{"text":"hello","config":{"pooling_strategy":"anything-at-all","dimensions":0}}',
+    b'{"text":"hello","config":{"pooling_strategy":"masked_mean"}}',
+    b'{"text":"hello","config":{"pooling_strategy":"","dimensions":0}}',
+    b'{"text":"hello","config":{"pooling_strategy":null}}',
     b'{"dims":0,"vector":null,"error":"","text":"hello","extra":{"nested":[1,2]}}',
     b'{"text":"hello","dims":384,"vector":[1,2,3],"error":"stale"}',
     b'\xef\xbb\xbf{"text":"hello"}',
@@ -129,18 +130,28 @@ def test_configured_prefixes_are_applied_per_task(serve):
     c = s.client()
     c.vectors("ferris wheel", task_type="query")
     c.vectors("ferris wheel", task_type="passage")
-    texts = [t for batch, _ in s.state.models["fake"].backend.calls[1:] for t in batch]
+    texts = [t for batch, _ in s.state.models["fake"].backend.calls for t in batch if "ferris" in t]
     assert texts == ["query: ferris wheel", "passage: ferris wheel"]
 
 
-def test_dimensions_on_non_matryoshka_model_is_a_clear_error(serve):
+def test_dimensions_on_non_matryoshka_model_truncate_like_the_reference(serve):
     s = serve(fake_config())
     c = s.client()
     assert c.vectors("hello", dimensions=16).status == 200  # the native size is fine
-    err = assert_json_error(c.vectors("hello", dimensions=8), 400)
-    assert "16" in err and "Matryoshka" in err
+    body = c.vectors("hello", dimensions=8).json()
+    full = fake_vector("hello", "passage", 16)[:8]
+    assert body["dims"] == 8 and np.allclose(body["vector"], full / np.linalg.norm(full), atol=1e-6)
     assert_json_error(c.vectors("hello", dimensions=32), 400)
     assert_json_error(c.request("POST", "/vectors", b'{"text":"x","config":{"dimensions":"8"}}'), 400)
+
+
+def test_dimensions_strict_keeps_the_400_on_non_matryoshka_models(serve):
+    s = serve(fake_config(dimensions="strict"))
+    c = s.client()
+    assert c.vectors("hello", dimensions=16).status == 200
+    err = assert_json_error(c.vectors("hello", dimensions=8), 400)
+    assert "16" in err and "Matryoshka" in err and "strict" in err
+    assert s.state.models["fake"].info()["dimensions"] == "strict"
 
 
 def test_dimensions_truncate_matryoshka_model_and_renormalise(serve):

@@ -340,9 +340,10 @@ def test_fallback_deployment_serves_while_the_primary_is_down(serve, fake):
         assert len(embed_calls(fake)) == 1
 
 
-@pytest.mark.parametrize("backup_options", [{"model": "text-embedding-3-large"}, {"dimensions": 256}],
-                         ids=["other-model", "other-dimensions"])
-def test_fallback_in_another_vector_space_is_rejected_at_startup(fake, backup_options):
+@pytest.mark.parametrize("backup_options,named", [
+    ({"model": "text-embedding-3-large"}, 'backend.model "text-embedding-3-large" \u2260 "text-embedding-3-small"'),
+    ({"dimensions": 256}, "backend.dimensions 256 \u2260 null")], ids=["other-model", "other-dimensions"])
+def test_fallback_in_another_vector_space_is_rejected_at_startup(fake, backup_options, named):
     primary = openai_model(fake)
     primary["fallbacks"] = ["backup"]
     backup = openai_model(fake)
@@ -350,8 +351,8 @@ def test_fallback_in_another_vector_space_is_rejected_at_startup(fake, backup_op
     with pytest.raises(ConfigError) as info:
         create_app(config(primary=primary, backup=backup), load_entrypoints=False, load=False)
     message = info.value.message
-    assert "models.primary.fallbacks" in message and "'backup'" in message
-    assert KEY not in message
+    assert "models.primary.fallbacks: fallback backup: " in message and named in message
+    assert "{" not in message and KEY not in message  # the differing key, not two raw dicts
 
 
 def test_fallback_whose_learnt_dimension_differs_is_never_used(serve, fake):
@@ -382,8 +383,8 @@ def test_meta_never_shows_keys(serve, fake, cohere_fake, tmp_path):
 
 def test_mismatched_fallback_is_skipped_before_the_loader_drops_it(serve, fake, monkeypatch):
     # The window between "all models ready" and the loader's fallback check.
-    from vecshim.app import State
-    monkeypatch.setattr(State, "_check_fallbacks", lambda self: None)
+    from vecshim.loader import ModelSet
+    monkeypatch.setattr(ModelSet, "check_fallbacks", lambda self: None)
     with FakeOpenAI(dim=16, api_key=KEY) as other:
         retry = {"max_attempts": 2, "budget_s": 0.5, "base_delay_s": 0.01, "max_delay_s": 0.05}
         primary = openai_model(fake, retry=retry)
@@ -401,5 +402,5 @@ def test_every_mismatched_fallback_is_dropped(serve, fake):
         primary = openai_model(fake)
         primary["fallbacks"] = ["one", "two"]
         s = serve(config(primary=primary, one=openai_model(one), two=openai_model(two)))
-        s.state._loader.join(5)
+        s.state.loader._loader.join(5)
         assert s.state.models["primary"].fallbacks == []

@@ -218,3 +218,6 @@ def test_an_unavailable_optional_fallback_is_dropped_not_fatal(serve):
     assert get(s, "/.well-known/ready")[0] == 204
     assert s.state.models["fake"].fallbacks == []
     assert post_json(s, "/vectors", {"text": "hello"})[0] == 200
+    meta = json.loads(get(s, "/meta")[2])["models"]["fake"]
+    assert meta["fallbacks"] == [] and meta["fallbacks_dropped"][0]["name"] == "hosted"
+    assert meta["fallbacks_dropped"][0]["reason"].startswith("unavailable: ")

@@ -17,6 +17,9 @@ class Misbehaving(Backend):
 
     name = "misbehaving"
 
+    def info(self):
+        return {"model": "misbehaving-3d"}
+
     def embed(self, texts, task):
         good = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]][: len(texts)] + [[0.0, 0.0, 1.0]] * max(0, len(texts) - 2)
         joined = " ".join(texts)

@@ -25,6 +25,9 @@ from vecshim import Backend, hookimpl
 class {cls}(Backend):
     name = {name!r}
 
+    def info(self):
+        return {{"model": "constant-2d"}}
+
     def embed(self, texts, task):
         return [[1.0, 0.0] for _ in texts]
 
@@ -53,13 +56,20 @@ def test_builtins_are_registered_through_the_hook():
     pm = get_plugin_manager(load_entrypoints=False)
     assert sorted(pm.get_name(p) for p in pm.get_plugins()) == sorted(DEFAULT_PLUGINS)
     callers = {impl.plugin_name for impl in pm.hook.register_backends.get_hookimpls()}
-    assert callers == set(DEFAULT_PLUGINS)
-    assert collect_backends(pm).owners == BUILTIN_OWNERS
+    assert callers == set(BUILTIN_OWNERS.values())
+    rerankers = {impl.plugin_name for impl in pm.hook.register_rerankers.get_hookimpls()}
+    assert rerankers == set(DEFAULT_PLUGINS) - callers
+    reg = collect_backends(pm)
+    assert reg.owners == BUILTIN_OWNERS
+    assert reg.reranker_owners == {"bi-encoder": "vecshim.rerankers.bi_encoder",
+                                   "cross-encoder": "vecshim.rerankers.cross_encoder",
+                                   "cohere": "vecshim.rerankers.cohere_rerank"}
 
 
 def test_plugin_infos_for_builtins():
     infos = plugin_infos(get_plugin_manager(load_entrypoints=False))
-    assert infos == [{"name": name, "version": __version__, "hooks": ["register_backends"]}
+    assert infos == [{"name": name, "version": __version__,
+                      "hooks": ["register_rerankers" if ".rerankers." in name else "register_backends"]}
                      for name in sorted(DEFAULT_PLUGINS)]
 
 
@@ -295,6 +305,9 @@ class EntryPointPlugin:
 
 class EntryPointBackend(Backend):
     name = "from-entry-point"
+
+    def info(self):
+        return {"model": "constant-2d"}
 
     def embed(self, texts, task):
         return [[0.5, 0.5] for _ in texts]

@@ -74,49 +74,55 @@ def test_account_id_separates_keys_and_hides_them():
 
 # -- the AIMD window ----------------------------------------------------------
 
+def _round(w: Window, outcome: str, seconds: float) -> None:
+    assert w.acquire(1)
+    w.observe(outcome, seconds)
+    w.release()
+
+
 def test_window_halves_on_429_once_per_burst_and_grows_back_additively():
     w = Window(8, 8)
     for _ in range(3):  # three 429s from calls that were in flight together
         assert w.acquire(1)
     for _ in range(3):
-        w.release("429", 0.5)
+        w.observe("429", 0.5)
+        w.release()
     assert w.limit == 4.0
     time.sleep(0.55)  # the next round trip: a new 429 counts again
-    assert w.acquire(1)
-    w.release("429", 0.05)
+    _round(w, "429", 0.05)
     assert w.limit == 2.0
     time.sleep(0.06)
     for _ in range(2):  # a full window of successes adds one call
-        assert w.acquire(1)
-        w.release("ok", 0.05)
+        _round(w, "ok", 0.05)
     assert w.limit == pytest.approx(2 + 1 / 2 + 1 / 2.5)  # about one more call
     for _ in range(100):
-        assert w.acquire(1)
-        w.release("ok", 0.05)
+        _round(w, "ok", 0.05)
     assert w.limit == 8.0  # never above the ceiling
 
 
-def test_window_never_below_one_and_cut_by_latency_growth():
+def test_window_never_below_two_and_cut_by_latency_growth():
     w = Window(4, 4)
     for _ in range(20):
-        assert w.acquire(1)
-        w.release("ok", 0.06)
-    assert w.acquire(1)
-    w.release("ok", 0.3)  # 5x the baseline: the upstream is queueing us
+        _round(w, "ok", 0.06)
+    _round(w, "ok", 0.3)  # 5x the baseline: the upstream is queueing us
     assert w.limit == pytest.approx(3.6)
     time.sleep(0.31)
     for _ in range(10):
         time.sleep(0.06)
-        assert w.acquire(1)
-        w.release("429", 0.05)
-    assert w.limit == 1.0
+        _round(w, "429", 0.05)
+    assert w.limit == 2.0
+    one = Window(1, 1)
+    _round(one, "429", 0.05)
+    assert one.limit == 1.0
 
 
 def test_window_blocks_beyond_its_limit():
     w = Window(2, 2)
     assert w.acquire(1) and w.acquire(1)
     assert not w.free and not w.acquire(0.05)
-    w.release("error", 0.01)
+    w.observe("error", 0.01)
+    assert not w.free  # an attempt failed but its call still holds the place (retrying)
+    w.release()
     assert w.free and w.acquire(0.05)
 
 
@@ -126,7 +132,7 @@ def _grants(run, seconds: float, rr: float) -> int:
     """Reserve as fast as the store allows for `seconds`; return how many were granted."""
     granted, stop = 0, time.monotonic() + seconds
     while time.monotonic() < stop:
-        wait = run("acct", "reserve", rr, 0.0, 0)[0]
+        wait = run("acct", "reserve", rr, 0.0, 0, 0.0)[0]
         if wait <= 0:
             granted += 1
         else:
@@ -151,20 +157,40 @@ def test_every_store_paces_requests_at_the_rate(kind, tmp_path, redis_server):
     assert 1 < granted <= _bound(rr, time.monotonic() - start)
 
 
+def _store(kind, tmp_path, redis_server):
+    return {"memory": MemoryStore, "file": lambda: FileStore(str(tmp_path)),
+            "redis": lambda: RedisStore(redis_server.url, 1.0)}[kind]()
+
+
 @pytest.mark.parametrize("kind", ["memory", "file", "redis"])
 def test_stores_agree_on_pause_settle_and_tokens(kind, tmp_path, redis_server):
-    store = {"memory": MemoryStore, "file": lambda: FileStore(str(tmp_path)),
-             "redis": lambda: RedisStore(redis_server.url, 1.0)}[kind]()
-    acct = f"agree-{kind}"
-    assert store.run(acct, "reserve", 0, 100.0, 50)[0] == 0  # 50 tokens at 100/s: 0.5 s ahead
-    wait, _, ahead_t = store.run(acct, "peek", 0, 100.0, 0)
+    store = _store(kind, tmp_path, redis_server)
+    acct = f"agree-{kind}-{time.monotonic()}"
+    assert store.run(acct, "reserve", 0, 100.0, 50, 0.0)[0] == 0  # 50 tokens at 100/s: 0.5 s ahead
+    wait, _, ahead_t = store.run(acct, "reserve", 0, 100.0, 0)  # max_wait < 0: only look
     assert wait == 0 and 0.3 < ahead_t <= 0.5
-    assert store.run(acct, "reserve", 0, 100.0, 200)[0] == 0  # still within the 1 s burst
-    assert store.run(acct, "peek", 0, 100.0, 0)[0] > 0.9  # 2.5 s ahead: wait about 1.5 s
+    assert store.run(acct, "reserve", 0, 100.0, 200, 0.0)[0] == 0  # still within the 1 s allowance
+    assert store.run(acct, "reserve", 0, 100.0, 0)[0] > 0.9  # 2.5 s ahead: wait about 1.5 s
+    assert store.run(acct, "reserve", 0, 100.0, 10, 0.0)[0] > 0.9  # not booked: too far away
+    assert store.run(acct, "reserve", 0, 100.0, 0)[2] <= 2.5
     store.run(acct, "settle", 0, 100.0, -200)  # the call used 200 tokens fewer than reserved
-    assert store.run(acct, "peek", 0, 100.0, 0)[0] == 0
+    assert store.run(acct, "reserve", 0, 100.0, 0)[0] == 0
     store.run(acct, "pause", 0, 0, 0.6)
-    assert 0.3 < store.run(acct, "reserve", 0, 0, 0)[0] <= 0.6  # a pause holds even without limits
+    assert 0.3 < store.run(acct, "reserve", 0, 0, 0, 0.0)[0] <= 0.6  # a pause holds even without limits
+
+
+@pytest.mark.parametrize("kind", ["memory", "file", "redis"])
+def test_bookings_queue_up_in_order_at_the_rate(kind, tmp_path, redis_server):
+    store = _store(kind, tmp_path, redis_server)
+    acct = f"queue-{kind}-{time.monotonic()}"
+    waits = [store.run(acct, "reserve", 1.0, 0.0, 0, 50.0)[0] for _ in range(5)]
+    assert waits[0] == 0
+    # Each booking takes the next 1 s slot: callers wait their turn instead of racing for it
+    # (less the time that passed between two bookings).
+    gaps = [b - a for a, b in zip(waits, waits[1:])]
+    assert all(0.5 < g <= 1.0 + 1e-6 for g in gaps[1:]), waits
+    assert store.run(acct, "reserve", 1.0, 0.0, 0, 0.5)[0] > 3  # beyond max_wait: not booked
+    assert store.run(acct, "reserve", 1.0, 0.0, 0)[1] < waits[-1] + 1.5  # ...and the schedule did not move
 
 
 def _hammer_file(folder: str, seconds: float, rr: float, out) -> None:
@@ -236,7 +262,7 @@ def test_redis_killed_mid_run_falls_back_to_a_share_loudly_and_comes_back(monkey
         deadline = time.monotonic() + 10
         while b.info()["store"] != "redis" and time.monotonic() < deadline:
             time.sleep(0.1)
-            b.peek()
+            b.peek()  # each operation tries Redis again once RETRY_REDIS_S has passed
         assert b.info()["store"] == "redis" and "fallback" not in b.info()
         assert stats.registry.get_sample_value("vecshim_budget_fallback", {"upstream": "up.example"}) == 0
     finally:
@@ -283,7 +309,7 @@ def test_a_429_pauses_every_caller_of_the_account():
     started = time.monotonic()
     assert not failed  # the 429 happened
     assert second.call(lambda: time.monotonic()) - started >= 0.35
-    assert second.delay() == 0
+    assert b.peek() == 0
 
 
 class _Gate:
@@ -293,8 +319,8 @@ class _Gate:
         self.open = threading.Event()
         self.listeners = []
 
-    def delay(self) -> float:
-        return 0.0 if self.open.is_set() else float("inf")
+    def admit(self) -> tuple[bool, float]:
+        return (True, 0.0) if self.open.is_set() else (False, float("inf"))
 
     def subscribe(self, fn):
         self.listeners.append(fn)
@@ -334,3 +360,34 @@ def test_a_lone_text_on_an_idle_upstream_goes_at_once_despite_max_wait():
         assert time.monotonic() - start < 5.0  # max_wait (5 s each) was not waited
     finally:
         b.close(5)
+
+
+def test_a_limit_nobody_announced_is_inferred_from_429s_and_probed_upwards():
+    b = Budget("quiet", "up", BudgetConfig(), redis_url=None, local_dir=None)
+    b.rate_limited()
+    b.rate_limited()
+    assert b.inferred is None  # no calls to go by yet: only Retry-After paces
+    for _ in range(10):
+        b.accepted()
+    b._429s.clear()
+    b.rate_limited()
+    assert b.inferred is None  # a stray 429: Retry-After's business
+    b.rate_limited()
+    assert b.inferred is None  # 2 of 12 calls: still too rare to mean anything
+    b.rate_limited()
+    assert b.inferred == pytest.approx(10 / 2.0 * 60)  # frequent: what got through lately, per minute
+    assert b.info()["inferred_requests_per_minute"] == 300 and b.per_minute() == (None, None)
+    b.rate_limited()
+    assert b.inferred == pytest.approx(300)  # the same burst of 429s cuts once
+    b._changed_at -= 2.0
+    b.rate_limited()
+    assert b.inferred == pytest.approx(210)  # still calling at that pace: 30 % less
+    b._changed_at -= 2.0
+    b._recent.clear()
+    b.rate_limited()
+    assert b.inferred == pytest.approx(210)  # calls go slower than the pace: no sign of it
+    b.accepted()
+    assert b.inferred == pytest.approx(210 * 1.05 ** 2, rel=0.01)  # probing upwards again
+    b.learn(UpstreamInfo(requests_per_minute=600))
+    b.rate_limited()
+    assert b.per_minute() == (600, None) and "inferred_requests_per_minute" not in b.info()

@@ -63,6 +63,9 @@ class Leaky(Backend):
     name = "leaky"
     Options = LeakyOptions
 
+    def info(self):
+        return {"model": "ones-4d"}
+
     def embed(self, texts, task):
         log.debug("calling home with token %s", self.options.token)
         if any("LEAK" in t for t in texts):

@@ -8,8 +8,9 @@ from .errors import (  # noqa: E402
     BackendError, BackendUnavailable, BadRequest, ConfigError, UnknownBackendError, UpstreamError, VecshimError,
 )
 from .hookspecs import hookimpl  # noqa: E402
+from .reranker import Reranker, RerankerOptions  # noqa: E402
 
 __all__ = [
-    "__version__", "hookimpl", "Backend", "BackendOptions", "Task", "VecshimError", "ConfigError",
+    "__version__", "hookimpl", "Backend", "BackendOptions", "Task", "Reranker", "RerankerOptions", "VecshimError", "ConfigError",
     "BadRequest", "BackendError", "BackendUnavailable", "UpstreamError", "UnknownBackendError",
 ]

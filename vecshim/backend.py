@@ -58,6 +58,11 @@ class Backend(ABC):
     start-up work and `info()` for `/meta`, and must implement `embed()`.
     The core does batching, caching, retries, long-text handling,
     dimension checks and normalisation around it.
+
+    The capabilities below may be class attributes or set in `__init__` or
+    `load()`: the core reads them once `load()` has returned.
+    `fingerprint_parts()` (by default `info()`) must not be empty: it says
+    which model's vectors `embed()` returns.
     """
 
     #: Name used as `backend:` in the YAML config. Must be unique.
@@ -79,6 +84,13 @@ class Backend(ABC):
     #: True if the model is trained for Matryoshka truncation (any prefix of
     #: the vector is itself a good embedding), so `dimensions` may be honoured.
     matryoshka: bool = False
+    #: Length of every vector `embed()` returns, if known (None: the core learns
+    #: it at load from a fixed set of short, long and multilingual texts).
+    dimension: int | None = None
+    #: `pooling_strategy` values a request may choose (the first is the model's
+    #: own); `embed()` then gets `pooling=` for any other. Empty: the pooling is
+    #: fixed and only Weaviate's default `masked_mean` is accepted.
+    pooling_strategies: tuple[str, ...] = ()
     #: Worker threads the batcher runs against this backend (None: core default).
     concurrency: int | None = None
     #: Batch cost model `(a, b, c)`: one call on n texts padded to L tokens
@@ -96,6 +108,13 @@ class Backend(ABC):
     def __init__(self, options: BaseModel):
         self.options = options
 
+    def plan_threads(self, callers: int) -> None:
+        """Called before `load()`: `callers` batch threads will call `embed()` at once.
+
+        A backend with its own thread pool (a local model) sizes it from this;
+        the default ignores it.
+        """
+
     def load(self) -> None:
         """Do heavy start-up work (import SDKs, load weights, open clients)."""
 
@@ -112,7 +131,11 @@ class Backend(ABC):
         return {}
 
     def fingerprint_parts(self) -> dict[str, Any]:
-        """Return what identifies this backend's vector space (model id, revision...)."""
+        """Return what identifies this backend's vector space (model id, revision...).
+
+        Must name the model (an empty identity is a config error): two backends
+        with the same parts and name are assumed to return the same vectors.
+        """
         return self.info()
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
@@ -128,7 +151,8 @@ class Backend(ABC):
     def embed(self, texts: list[str], task: Task) -> Sequence[Sequence[float]]:
         """Embed `texts` for `task` and return one vector per text, in order.
 
-        Raise `vecshim.BackendError` (or any exception) on failure; the core
+        A backend with `pooling_strategies` also takes a keyword `pooling`
+        (one of them other than the first). Raise `vecshim.BackendError` (or any exception) on failure; the core
         turns it into a JSON error for the callers of this batch.
         """
 

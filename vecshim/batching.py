@@ -91,11 +91,11 @@ class Batcher:
     sequential (nothing in flight, last batch of one); otherwise it waits up
     to `max_wait_ms` after the oldest request arrived for the batch to fill.
 
-    With a `gate` (hosted backends) coalescing adapts instead: a worker takes
-    a batch only when `gate.delay()` is 0 (the upstream can take a call now)
-    and takes everything queued then (up to `max_size`), so texts pile up while
-    calls are in flight or the upstream pushes back, and a lone text on an idle
-    upstream goes at once. `gate.subscribe(fn)` wakes waiting workers when a call ends.
+    With a `gate` (hosted backends) coalescing adapts instead: one worker at
+    a time asks `gate.admit()` for the next call's slot, sleeps until it and
+    then takes everything queued (up to `max_size`), so texts pile up while
+    calls are in flight or the upstream pushes back, and a lone text on an
+    idle upstream goes at once. `gate.subscribe(fn)` wakes workers when a call ends.
     """
 
     def __init__(self, name: str, embed_fn: Callable[[list, Hashable], Sequence], *,
@@ -123,6 +123,7 @@ class Batcher:
         self.on_depth = on_depth
         self.thread_init = thread_init
         self.gate = gate
+        self._admitting = False  # a worker holds the gate's next slot
         self._jobs: collections.deque[_Job] = collections.deque()
         self._queued = 0          # texts waiting (not yet taken)
         self._queued_tokens = 0
@@ -293,26 +294,33 @@ class Batcher:
             self._cond.notify_all()
 
     def _await_gate(self) -> None:
-        """Hold this worker while texts are queued but the upstream cannot take a call yet."""
-        while True:
-            with self._cond:
-                while not self._jobs and not self._closed:
-                    self._cond.wait()
-                if self._closed:
-                    return
-            delay = self.gate.delay()  # may ask Redis: not under the queue's lock
-            if delay <= 0:
+        """Become the one worker holding the next call's slot, and wait until it comes."""
+        with self._cond:
+            while (not self._jobs or self._admitting) and not self._closed:
+                self._cond.wait()
+            if self._closed:
                 return
+            self._admitting = True
+        while True:
+            booked, wait = self.gate.admit()  # may ask Redis: not under the queue's lock
+            until = time.monotonic() + min(wait, 0.25 if not booked else wait)
             with self._cond:
-                if not self._closed:
-                    self._cond.wait(min(delay, 0.25))
+                while not self._closed and (left := until - time.monotonic()) > 0:
+                    self._cond.wait(left)
+                    if not booked:
+                        break  # a call ended: ask again
+                if booked or self._closed:
+                    return
 
     def _take(self) -> list[_Unit] | None:
         if self.gate is not None:
             self._await_gate()
         with self._cond:
-            if self.gate is not None and not self._jobs and not self._closed:
-                return []  # another worker took them; ask the gate again for new ones
+            if self.gate is not None:
+                self._admitting = False
+                self._cond.notify_all()
+                if not self._jobs and not self._closed:
+                    return []  # dropped meanwhile; start over
             while not self._jobs:
                 if self._closed:
                     return None

@@ -22,6 +22,7 @@ every `RETRY_REDIS_S`.
 """
 from __future__ import annotations
 
+import collections
 import fcntl
 import hashlib
 import json
@@ -47,6 +48,8 @@ RETRY_REDIS_S = 5.0
 REQUEST_BURST_S = 0.05
 #: The same for tokens: one call may carry many, so allow a second's worth ahead.
 TOKEN_BURST_S = 1.0
+#: An inferred request limit never drops below this (requests per minute).
+MIN_INFERRED_RPM = 6.0
 #: A schedule further ahead than this is stale (a clock jump): start over.
 STALE_S = 600.0
 
@@ -84,13 +87,16 @@ def account_id(endpoint: str, key: str | None) -> str:
     return hashlib.sha256(f"{endpoint}\x00{key or ''}".encode()).hexdigest()[:16]
 
 
-def step(state: dict, now: float, op: str, rr: float, tr: float, n: float) -> tuple[float, float, float]:
+def step(state: dict, now: float, op: str, rr: float, tr: float, n: float,
+         max_wait: float = -1.0) -> tuple[float, float, float]:
     """Apply one budget operation to `state` (rt, tt, pu) in place.
 
-    `rr`/`tr`: requests and tokens per second (0: no limit); `n`: tokens
-    (reserve, peek, settle: the correction) or seconds (pause). Returns the
-    wait in s (0: reserved) and how far ahead of now the request and token
-    schedules run. Mirrors `_LUA` line by line; tests check that both agree.
+    `rr`/`tr`: requests and tokens per second (0: not counted); `n`: tokens
+    (reserve, settle: the correction) or seconds (pause). `reserve` books the
+    next slot when it is at most `max_wait` s away (so callers queue up in
+    order, none starves) and returns the wait until it; a negative `max_wait`
+    only looks. Returns (wait, how far ahead of now the request and token
+    schedules run). Mirrors `_LUA` line by line; tests check they agree.
     """
     rt, tt, pu = state.get("rt", 0.0), state.get("tt", 0.0), state.get("pu", 0.0)
     wait = 0.0
@@ -105,7 +111,7 @@ def step(state: dict, now: float, op: str, rr: float, tr: float, n: float) -> tu
             wait = max(wait, max(rt, now) - now - REQUEST_BURST_S)
         if tr > 0:
             wait = max(wait, max(tt, now) - now - TOKEN_BURST_S)
-        if wait <= 0 and op == "reserve":
+        if wait <= max_wait:
             if rr > 0:
                 rt = state["rt"] = max(rt, now) + 1.0 / rr
             if tr > 0:
@@ -117,7 +123,7 @@ _LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local op, rr, tr, n = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-local rb, tb, ttl = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local rb, tb, ttl, mw = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8])
 local s = redis.call('HMGET', KEYS[1], 'rt', 'tt', 'pu')
 local rt, tt, pu = tonumber(s[1]) or 0, tonumber(s[2]) or 0, tonumber(s[3]) or 0
 local wait = 0
@@ -135,7 +141,7 @@ else
   wait = math.max(0, pu - now)
   if rr > 0 then wait = math.max(wait, math.max(rt, now) - now - rb) end
   if tr > 0 then wait = math.max(wait, math.max(tt, now) - now - tb) end
-  if wait <= 0 and op == 'reserve' then
+  if wait <= mw then
     if rr > 0 then
       rt = math.max(rt, now) + 1 / rr
       redis.call('HSET', KEYS[1], 'rt', string.format('%.6f', rt))
@@ -160,10 +166,11 @@ class MemoryStore:
         self._states: dict[str, dict] = {}
         self._lock = threading.Lock()
 
-    def run(self, account: str, op: str, rr: float, tr: float, n: float) -> tuple[float, float, float]:
+    def run(self, account: str, op: str, rr: float, tr: float, n: float,
+            max_wait: float = -1.0) -> tuple[float, float, float]:
         with self._lock:
             state = self._states.setdefault(account, {})
-            return step(state, time.monotonic(), op, rr, tr, n)
+            return step(state, time.monotonic(), op, rr, tr, n, max_wait)
 
 
 class FileStore:
@@ -174,7 +181,8 @@ class FileStore:
     def __init__(self, folder: str):
         self.folder = Path(folder)
 
-    def run(self, account: str, op: str, rr: float, tr: float, n: float) -> tuple[float, float, float]:
+    def run(self, account: str, op: str, rr: float, tr: float, n: float,
+            max_wait: float = -1.0) -> tuple[float, float, float]:
         path = self.folder / f"budget-{account}.json"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -187,8 +195,8 @@ class FileStore:
                 state = {}
             if any(v > now + STALE_S for v in state.values()):
                 state = {}
-            result = step(state, now, op, rr, tr, n)
-            if op != "peek":
+            result = step(state, now, op, rr, tr, n, max_wait)
+            if op != "reserve" or result[0] <= max_wait:
                 data = json.dumps(state).encode()
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, data, 0)
@@ -213,11 +221,12 @@ class RedisStore:
         self._script = self._redis.register_script(_LUA)
         self.errors = (redis.RedisError, OSError)
 
-    def run(self, account: str, op: str, rr: float, tr: float, n: float) -> tuple[float, float, float]:
+    def run(self, account: str, op: str, rr: float, tr: float, n: float,
+            max_wait: float = -1.0) -> tuple[float, float, float]:
         ttl_ms = int(max(120.0, 2 * STALE_S) * 1000)
         raw = self._script(keys=[f"vecshim:budget:{{{account}}}"],
                            args=[op, repr(rr), repr(tr), repr(float(n)), repr(REQUEST_BURST_S),
-                                 repr(TOKEN_BURST_S), ttl_ms])
+                                 repr(TOKEN_BURST_S), ttl_ms, repr(min(max_wait, 1e9))])
         wait, ahead_r, ahead_t = (float(x) for x in raw.split())
         return wait, ahead_r, ahead_t
 
@@ -244,6 +253,11 @@ class Budget:
         self._fallback = False
         self._lock = threading.Lock()
         self._listeners: list[Callable[[], None]] = []
+        #: Requests per minute inferred from 429s when no limit is known (AIMD-like).
+        self.inferred: float | None = None
+        self._recent: collections.deque[float] = collections.deque(maxlen=4096)
+        self._429s: collections.deque[float] = collections.deque(maxlen=4096)
+        self._changed_at = 0.0
 
     # -- limits -----------------------------------------------------------
     def configure(self, limit: RateLimit | None) -> None:
@@ -282,19 +296,61 @@ class Budget:
     def _rates(self, share: int) -> tuple[float, float]:
         rpm, tpm = self.per_minute()
         scale = self.cfg.headroom / 60.0 / share
+        if rpm is None and self.inferred is not None:
+            return self.inferred / 60.0 / share, (tpm or 0) * scale  # already below the limit
         return (rpm or 0) * scale, (tpm or 0) * scale
 
+    # -- a limit nobody announced -------------------------------------------
+    def accepted(self) -> None:
+        """Count an attempt the upstream took (any answer but 429, errors included: they
+        count against its limit too); an inferred rate grows 5 % per second without a 429."""
+        now = time.monotonic()
+        with self._lock:
+            self._recent.append(now)
+            if self.inferred is not None and now - self._changed_at >= 1.0:
+                self.inferred *= 1.05 ** min(now - self._changed_at, 10.0)
+                self._changed_at = now
+
+    def rate_limited(self) -> None:
+        """A 429 arrived: with no limit announced or configured, infer one (or lower it by 30 %)."""
+        if self.per_minute()[0] is not None:
+            return
+        now = time.monotonic()
+        with self._lock:
+            self._429s.append(now)
+            limited = sum(1 for t in self._429s if t > now - 2.0)
+            taken = sum(1 for t in self._recent if t > now - 2.0)
+            if limited < 2 or limited < 0.2 * (limited + taken):
+                return  # a stray 429 is Retry-After's business; frequent ones mean we are too fast
+            if now - self._changed_at < 1.0:
+                return  # one cut per second, however many 429s a burst brought
+            pace = taken / 2.0 * 60.0  # accepted per minute
+            if self.inferred is None:
+                if pace < 60.0:
+                    return  # nothing to go by yet: Retry-After and the window pace us
+                self.inferred = max(MIN_INFERRED_RPM, pace)
+            elif pace >= 0.8 * self.inferred:
+                self.inferred = max(MIN_INFERRED_RPM, self.inferred * 0.7)
+            else:
+                return  # calls go slower than the pace anyway: this 429 is no sign of it
+            self._changed_at = now
+            rpm = self.inferred
+        log.info("upstream %s announces no request limit and answered 429: pacing at %.0f requests/min",
+                 self.label, rpm)
+        self._publish()
+
     # -- operations -------------------------------------------------------
-    def reserve(self, tokens: int) -> float:
-        """Reserve one request and `tokens`; return 0 when done, else the seconds to wait first."""
-        wait = self._run("reserve", tokens)
-        if wait <= 0 and self.stats:
+    def reserve(self, tokens: int, *, requests: bool = True, max_wait: float = 0.0) -> float:
+        """Book the next slot for one request (unless `requests` is false) and `tokens`,
+        if it is at most `max_wait` s away; return the wait until it (booked: <= max_wait)."""
+        wait = self._run("reserve", tokens, max_wait, requests)
+        if wait <= max_wait and requests and self.stats:
             self.stats.budget_used(self.label, "requests", 1)
         return wait
 
     def peek(self) -> float:
-        """Seconds until a call could reserve (0: now), without reserving."""
-        return self._run("peek", 0)
+        """Seconds until a call could go (0: now), without booking anything."""
+        return self._run("reserve", 0, -1.0)
 
     def settle(self, estimated: int, actual: int) -> None:
         """Correct a reservation of `estimated` tokens to the `actual` count."""
@@ -307,13 +363,13 @@ class Budget:
         """Hold every call to this account for `seconds` (a 429's Retry-After)."""
         self._run("pause", seconds)
 
-    def _run(self, op: str, n: float) -> float:
+    def _run(self, op: str, n: float, max_wait: float = -1.0, requests: bool = True) -> float:
         now = time.monotonic()
         result = None
         if self._redis is not None and now >= self._redis_down_until:
             rr, tr = self._rates(1)
             try:
-                result = self._redis.run(self.account, op, rr, tr, n)
+                result = self._redis.run(self.account, op, rr if requests else 0.0, tr, n, max_wait)
             except self._redis.errors as err:
                 self._redis_down_until = now + RETRY_REDIS_S
                 self._set_fallback(True, err)
@@ -321,7 +377,7 @@ class Budget:
                 self._set_fallback(False)
         if result is None:
             rr, tr = self._rates(self.cfg.expected_replicas if self._fallback else 1)
-            result = self._local.run(self.account, op, rr, tr, n)
+            result = self._local.run(self.account, op, rr if requests else 0.0, tr, n, max_wait)
         wait, ahead_r, ahead_t = result
         if self.stats:
             # What could still be reserved over the next minute at the current pace.
@@ -362,6 +418,8 @@ class Budget:
             "upstream": self.label, "account": self.account, "store": store,
             "limits_per_minute": {"requests": rpm, "tokens": tpm},
             "configured": self.configured.model_dump(), "learned": self.learned.model_dump(),
+            **({"inferred_requests_per_minute": round(self.inferred)}
+               if self.inferred is not None and rpm is None else {}),
             "headroom": self.cfg.headroom,
         }
         if self._fallback:

@@ -18,8 +18,9 @@ from pydantic import ValidationError
 from .config import (CHECK_CONTEXT, DEFAULT_MODEL_NAME, ENV_CONFIG, Config, ModelConfig, PluginsConfig,
                      cross_field_problems, did_you_mean, expand_env, format_validation_error)
 from .errors import ConfigError
+from .space import identity_problem
 
-__all__ = ["Problem", "Report", "check_config", "space_difference"]
+__all__ = ["Problem", "Report", "check_config"]
 
 
 @dataclass(frozen=True)
@@ -137,10 +138,29 @@ def check_config(path: str | os.PathLike | None = None, env: dict[str, str] | No
         backend = _check_model(name, raw, registry, report, optional=_optional(raw_models, name))
         if backend is not None:
             built[name] = backend
-    _check_fallbacks(models, built, report)
+    _check_fallbacks(models, built, report, registry)
+    _check_rerankers(report, registry)
     if report.errors:
         report.config = None
     return report
+
+
+def _check_rerankers(report: Report, registry) -> None:
+    """The `rerankers:` section once the schema is valid: names, fallbacks, backends, options, model references."""
+    from .config import _PathError
+    from .ranking import build_rankers
+
+    cfg = report.config
+    if cfg is None:
+        return
+    try:
+        cfg._check_rerankers()
+        build_rankers(cfg, registry, {name: None for name in cfg.models})
+    except _PathError as err:
+        report.add(err.path, str(err))
+    except ConfigError as err:
+        for p, msg in _split(err.message):
+            report.add(p, msg)
 
 
 def _check_plugins(data: dict, base_dir: Path | None, report: Report):
@@ -189,11 +209,15 @@ def _check_model(name: str, raw: Any, registry, report: Report, optional: bool):
     try:
         backend = cls(opts)
         found = backend.preflight()
+        identity = identity_problem(backend)
     except ConfigError as err:
         report.add(at, err.message, warning=optional)
         return None
     except Exception as err:  # a plugin bug: name it, don't crash the check
         report.add(at, f"backend {cls.name!r} failed to construct: {type(err).__name__}: {err}", warning=optional)
+        return None
+    if identity:
+        report.add(at, identity, warning=optional)
         return None
     for option, msg in found:
         p = f"{at}.options.{option}"
@@ -205,33 +229,20 @@ def _check_model(name: str, raw: Any, registry, report: Report, optional: bool):
         return None
 
 
-def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(value, dict):
-        out: dict[str, Any] = {}
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}.{k}" if prefix else str(k)))
-        return out
-    return {prefix: value}
-
-
-def space_difference(mine: dict, theirs: dict) -> str:
-    """The parts in which two fingerprint_parts() differ, as `key: A vs B` (for error messages)."""
-    a, b = _flatten(mine), _flatten(theirs)
-    keys = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-    return "; ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys)
-
-
-def _check_fallbacks(models: dict, built: dict, report: Report) -> None:
+def _check_fallbacks(models: dict, built: dict, report: Report, registry) -> None:
     """A fallback must embed into the same vector space, as far as config and options tell."""
     from .model import Model
+    from .space import differences
 
-    made = {n: Model(n, cfg, backend) for n, (cfg, backend) in built.items()}
+    origins = getattr(registry, "origins", {})
+    made = {n: Model(n, cfg, backend, origin=origins.get(cfg.backend)) for n, (cfg, backend) in built.items()}
     for name, m in made.items():
         for i, fb in enumerate(m.cfg.fallbacks):
             other = made.get(fb)
             if other is None:
                 continue
-            mine, theirs = m.fingerprint_parts(), other.fingerprint_parts()
-            if mine != theirs:
+            # Parts only loading decides (a learnt dimension) are missing here and compared at start.
+            diff = differences(m.fingerprint_parts(), other.fingerprint_parts(), known_only=True)
+            if diff:
                 report.add(f"models.{name}.fallbacks.{i}",
-                           f"{fb!r} embeds into a different vector space ({space_difference(mine, theirs)})")
+                           f"fallback {fb}: {'; '.join(diff)} (a fallback must embed into the same vector space)")

@@ -17,7 +17,7 @@ from .errors import ConfigError
 from .resilience import CircuitPolicy, RetryPolicy
 
 __all__ = [
-    "Config", "ModelConfig", "BatchConfig", "CacheConfig", "ServerConfig",
+    "Config", "ModelConfig", "RerankerConfig", "BatchConfig", "CacheConfig", "ServerConfig",
     "load_config", "parse_config", "expand_env", "format_validation_error",
     "DEFAULT_MODEL_NAME", "ENV_CONFIG", "cross_field_problems", "did_you_mean", "CHECK_CONTEXT",
 ]
@@ -80,6 +80,9 @@ class ModelConfig(_Strict):
     #: Allow `dimensions` below the native size by truncation (Matryoshka
     #: models). null: use the backend's own claim.
     matryoshka: bool | None = None
+    #: `dimensions` below the native size: `truncate` (and renormalise, as the
+    #: reference container does) for any model, or `strict`: 400 unless Matryoshka.
+    dimensions: Literal["truncate", "strict"] = "truncate"
     #: Seconds a request may wait for its vector before a 504.
     timeout_s: float = Field(45.0, gt=0, le=600)
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
@@ -96,6 +99,28 @@ class ModelConfig(_Strict):
     aliases: list[str] = Field(default_factory=list)
     #: false: a model that cannot start (unset `${VAR}`, missing extra, failed
     #: load) does not hold the server out of ready; its own routes answer 503.
+    required: bool = True
+
+
+class RerankerConfig(_Strict):
+    """One named reranker: a reranker backend plus the policies around it."""
+
+    backend: str
+    options: dict[str, Any] = Field(default_factory=dict)
+    #: Unset `max_size`: the larger of 32 and the reranker's own `max_batch_size`.
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    #: Documents longer than the model reads: score every window and keep the best (`max`),
+    #: or only the first window (`truncate`).
+    long_text: Literal["max", "truncate"] = "max"
+    timeout_s: float = Field(45.0, gt=0, le=600)
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    circuit: CircuitPolicy = Field(default_factory=CircuitPolicy)
+    max_concurrency: int | None = Field(None, ge=1)
+    #: Rerankers tried in order when this one fails; each must score with the same model.
+    fallbacks: list[str] = Field(default_factory=list)
+    #: Extra names this reranker answers to in the `model` field of `/v1|v2/rerank`.
+    aliases: list[str] = Field(default_factory=list)
+    #: False: while it loads or fails, the rest of the server still reports ready.
     required: bool = True
 
 
@@ -157,6 +182,9 @@ class Config(_Strict):
 
     default_model: str | None = None
     models: dict[str, ModelConfig] = Field(default_factory=dict)
+    #: Absent: one bi-encoder reranker over the default model; `{}`: none.
+    rerankers: dict[str, RerankerConfig] | None = None
+    default_reranker: str | None = None
     cache: CacheConfig = Field(default_factory=CacheConfig)
     plugins: PluginsConfig = Field(default_factory=PluginsConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
@@ -178,6 +206,7 @@ class Config(_Strict):
         if (info.context or {}).get("vecshim_skip_cross_field"):
             if self.default_model not in self.models:
                 self.default_model = next(iter(self.models))
+            self._check_rerankers(strict=False)
             return self
         problems = cross_field_problems(self.default_model, {n: m.fallbacks for n, m in self.models.items()},
                                         optional={n for n, m in self.models.items() if not m.required})
@@ -185,7 +214,31 @@ class Config(_Strict):
             raise _PathError(*problems[0])
         if self.default_model is None:
             self.default_model = next(iter(self.models))
+        self._check_rerankers()
         return self
+
+    def _check_rerankers(self, strict: bool = True) -> None:
+        if self.rerankers is None:
+            name = f"{self.default_model}-rerank"
+            self.rerankers = {name: RerankerConfig(backend="bi-encoder", options={"model": self.default_model})}
+        if not strict:  # `vecshim config check` reports the rest itself
+            if self.default_reranker is None:
+                self.default_reranker = next(iter(self.rerankers), None)
+            return
+        for name, rr in self.rerankers.items():
+            if not re.match(_NAME, name):
+                raise _PathError(f"rerankers.{name}", f"reranker name {name!r} must match {_NAME}")
+            if name in self.models:
+                # /models/<name>/meta and /ready serve both kinds: one name, one thing.
+                raise _PathError(f"rerankers.{name}", f"{name!r} is also the name of a model; use another")
+            for fb in rr.fallbacks:
+                if fb not in self.rerankers or fb == name:
+                    raise _PathError(f"rerankers.{name}.fallbacks", f"{fb!r} is not another configured reranker")
+        if self.default_reranker is None:
+            self.default_reranker = next(iter(self.rerankers), None)
+        elif self.default_reranker not in self.rerankers:
+            raise _PathError("default_reranker",
+                             f"{self.default_reranker!r} is not in rerankers ({', '.join(self.rerankers) or 'none'})")
 
     def secrets(self) -> list[str]:
         """Every secret in the config (for log redaction): values under secret-looking keys
@@ -209,7 +262,7 @@ class Config(_Strict):
                 if "@" in value and "://" in value:
                     found.extend(url_secrets(value))
 
-        for model in self.models.values():
+        for model in [*self.models.values(), *(self.rerankers or {}).values()]:
             walk(model.options, False)
         for url in (self.cache.redis_url, self.budget.redis_url):
             if url:

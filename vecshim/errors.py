@@ -71,9 +71,9 @@ class UnknownModelError(NotFound):
 class UnknownBackendError(ConfigError, KeyError):
     """A backend name no plugin registered; the message lists the registered names."""
 
-    def __init__(self, name: str, available):
+    def __init__(self, name: str, available, kind: str = "backend"):
         names = ", ".join(sorted(available)) or "(none)"
-        ConfigError.__init__(self, f"unknown backend {name!r}; installed backends: {names}")
+        ConfigError.__init__(self, f"unknown {kind} {name!r}; installed {kind}s: {names}")
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return self.message

@@ -17,3 +17,14 @@ def register_backends(register):
         that another plugin already registered fails startup, naming both.
     :return: nothing.
     """
+
+
+@hookspec
+def register_rerankers(register):
+    """Register rerankers (query-document relevance scorers).
+
+    :param register: callable; call ``register(RerankerClass)`` once per
+        `vecshim.Reranker` subclass the plugin provides. Registering a name
+        that another plugin already registered fails startup, naming both.
+    :return: nothing.
+    """

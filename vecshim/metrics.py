@@ -36,6 +36,9 @@ class Stats:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("vecshim_batch_size", "Texts per gathered batch", ["model"],
                                     buckets=BATCH_BUCKETS, registry=r)
+        self.batch_workers = Histogram("vecshim_batch_workers", "HTTP worker processes whose texts shared a "
+                                       "batch (engine only)", ["model"], buckets=(1, 2, 3, 4, 6, 8, 16, 32),
+                                       registry=r)
         self.queue_wait = Histogram("vecshim_queue_wait_seconds", "Wait of the oldest text in a batch", ["model"],
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.batch_seconds = Histogram("vecshim_batch_seconds", "Backend time per gathered batch", ["model"],
@@ -45,6 +48,9 @@ class Stats:
         self.cache_hits = Counter("vecshim_cache_hits", "Vector cache hits", ["model"], registry=r)
         self.cache_misses = Counter("vecshim_cache_misses", "Vector cache misses", ["model"], registry=r)
         self.redis_errors = Counter("vecshim_redis_errors", "Failed Redis cache operations", registry=r)
+        self.cache_rejected = Counter("vecshim_cache_rejected", "Redis cache values dropped as not the "
+                                      "model's (reason: short, format, space, length, non_finite)",
+                                      ["reason"], registry=r)
         self.upstream = Counter("vecshim_upstream_events", "Backend calls and their outcomes "
                                 "(call, retry, 429, failure, circuit_open)", ["model", "event"], registry=r)
         self.upstream_texts = Histogram("vecshim_upstream_call_texts", "Texts per call to a hosted upstream",
@@ -164,6 +170,10 @@ class Stats:
     def redis_error(self) -> None:
         """Count a failed Redis operation."""
         self.redis_errors.inc()
+
+    def cache_reject(self, reason: str) -> None:
+        """Count a Redis value that failed its checks."""
+        self.cache_rejected.labels(reason).inc()
 
     def render(self) -> bytes:
         """The exposition text: this process alone, or every worker in multiprocess mode."""

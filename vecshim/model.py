@@ -17,11 +17,11 @@ from .batching import Batcher
 from .config import ModelConfig, format_validation_error
 from .errors import (BackendError, BackendUnavailable, BadRequest, ConfigError, PayloadTooLarge, VecshimError,
                      brief)
+from . import space
 
-__all__ = ["Model", "build_backend", "UnavailableBackend", "WARMUP_TEXT"]
+__all__ = ["Model", "build_backend", "UnavailableBackend"]
 
 log = logging.getLogger("vecshim.model")
-WARMUP_TEXT = "vecshim warm-up: the quick brown fox jumps over the lazy dog."
 #: Default per-request token limits (docs/operations.md "Connections" has the measurements).
 LOCAL_REQUEST_TOKENS = 16_384
 HOSTED_REQUEST_TOKENS = 1_048_576
@@ -60,10 +60,12 @@ class Model:
     """One named model as served: `embed()` is the only way texts reach a backend."""
 
     def __init__(self, name: str, cfg: ModelConfig, backend: Backend, *, cache=None, stats=None,
-                 fleet=None):
+                 origin: dict | None = None, fleet=None):
         self.name = name
         self.cfg = cfg
         self.backend = backend
+        #: The plugin that registered the backend: {"plugin", "distribution", "version"}.
+        self.origin = origin or {}
         self.cache = cache
         self.stats = stats
         self.dimension: int | None = None
@@ -72,6 +74,8 @@ class Model:
         self.load_seconds: float | None = None
         self.batcher: Batcher | None = None
         self.fallbacks: list[Model] = []
+        #: Fallbacks removed at start because their vector space differs: [{"name", "reason"}].
+        self.dropped_fallbacks: list[dict[str, str]] = []
         self.resilience = None
         #: The app's rate budgets (`vecshim.budget.Fleet`); hosted backends take theirs from it.
         self.fleet = fleet
@@ -82,9 +86,15 @@ class Model:
         self._fingerprint: str | None = None
         #: Called once loaded, just before `ready` turns true.
         self.on_ready = None
-        prefixes = cfg.prefixes
+        self._read_capabilities()
+
+    def _read_capabilities(self) -> None:
+        """Capabilities may change in `load()`: read them again once it returned."""
+        prefixes = self.cfg.prefixes
         #: Whether query and passage texts reach the model differently.
-        self.task_split = backend.task_aware or prefixes.query != prefixes.passage
+        self.task_split = bool(self.backend.task_aware) or prefixes.query != prefixes.passage
+        #: Pooling strategies a request may choose; the first is the model's own.
+        self.poolings: tuple[str, ...] = tuple(self.backend.pooling_strategies or ())
 
     # -- identity -------------------------------------------------------
     @property
@@ -98,10 +108,15 @@ class Model:
         return self.cfg.matryoshka if self.cfg.matryoshka is not None else bool(self.backend.matryoshka)
 
     def fingerprint_parts(self) -> dict[str, Any]:
-        """Everything that decides which vector a text gets."""
+        """Everything that decides which vector a text gets (see docs/guide.md "Vector spaces")."""
+        dimension = self.dimension if self.dimension is not None else self.backend.dimension
         return {
+            "backend_name": self.backend.name,
+            "plugin": self.origin,
             "backend": self.backend.fingerprint_parts(),
-            "dimension": self.dimension,
+            # Missing until known (learnt at load), so config checks skip it.
+            **({"dimension": dimension} if dimension is not None else {}),
+            "pooling": self.poolings[0] if self.poolings else None,
             "normalized": self.normalized,
             "prefixes": self.cfg.prefixes.model_dump(),
             "long_text": self.cfg.long_text,
@@ -129,17 +144,21 @@ class Model:
             **({"error": self.error} if self.error else {}),
             "required": self.cfg.required,
             "model": b.info(),
+            "plugin": self.origin,
             "dimension": self.dimension,
             "normalized": self.normalized,
             "matryoshka": self.matryoshka,
+            "dimensions": self.cfg.dimensions,
+            "pooling_strategies": list(self.poolings) or [space.DEFAULT_POOLING],
             "max_input_tokens": b.max_input_tokens,
             "long_text": self.cfg.long_text,
             "prefixes": self.cfg.prefixes.model_dump(),
             "task_aware": self.task_split,
             "batch": {"max_size": self.cfg.batch.max_size, "max_wait_ms": self.cfg.batch.max_wait_ms},
             "fingerprint": self.fingerprint,
-            "fallbacks": list(self.cfg.fallbacks),
+            "fallbacks": [f for f in self.cfg.fallbacks if f not in {d["name"] for d in self.dropped_fallbacks}],
             **({"rate_budget": self.budget.info()} if self.budget is not None else {}),
+            **({"fallbacks_dropped": list(self.dropped_fallbacks)} if self.dropped_fallbacks else {}),
         }
 
     @property
@@ -156,11 +175,13 @@ class Model:
         return self._ready.is_set()
 
     def load(self) -> None:
-        """Load the backend, start the batcher and embed one warm-up text."""
+        """Load the backend, start the batcher and learn (or check) the dimension."""
         start = time.monotonic()
         workers = self.cfg.batch.workers or self.backend.concurrency or 1
-        self.backend.concurrency = workers  # a local backend sizes its threads per worker
+        self.backend.plan_threads(workers)  # a local backend sizes its threads per caller
         self.backend.load()
+        self._read_capabilities()
+        space.require_identity(self.name, self.backend)
         from .resilience import Resilience  # the core wraps every backend call
 
         self._attach_budget()
@@ -185,9 +206,11 @@ class Model:
                 on_batch=self.stats.batch_observer(self.name) if self.stats else None,
                 on_depth=self.stats.depth_observer(self.name) if self.stats else None,
                 stuck_after_s=self.cfg.timeout_s)
-        # A cold model may be slow on its first call: allow more than a request gets.
-        vec = self.batcher.wait(self.batcher.submit([WARMUP_TEXT], [8], "passage"), max(self.cfg.timeout_s, 120))[0]
-        self.dimension = int(vec.shape[0])
+        self.dimension = self._learn_dimension()
+        if self.poolings and self.poolings[0] != space.DEFAULT_POOLING:
+            log.warning("model %r pools with %s: Weaviate asks for %s unless the collection sets "
+                        "poolingStrategy: %s, and vecshim honours what it asks", self.name, self.poolings[0],
+                        space.DEFAULT_POOLING, self.poolings[0])
         self.load_seconds = time.monotonic() - start
         if self.stats:
             self.stats.load_seconds.labels(self.name).set(self.load_seconds)
@@ -195,8 +218,29 @@ class Model:
         if self.on_ready is not None:
             self.on_ready()  # e.g. re-render /meta before anyone sees the model as ready
         self._ready.set()
-        log.info("model %r ready: backend %s, dimension %d, loaded in %.1f s",
-                 self.name, self.backend.name, self.dimension, self.load_seconds, extra={"model": self.name})
+        log.info("model %r ready: backend %s, dimension %d (%s), loaded in %.1f s",
+                 self.name, self.backend.name, self.dimension,
+                 "Matryoshka-trained" if self.matryoshka else
+                 ("not Matryoshka-trained: dimensions below it are truncated and renormalised"
+                  if self.cfg.dimensions == "truncate" else "not Matryoshka-trained: dimensions: strict"),
+                 self.load_seconds, extra={"model": self.name})
+
+    def _learn_dimension(self) -> int:
+        """The declared dimension, checked; else the one length every check text gets."""
+        declared = self.backend.dimension
+        texts = space.check_texts(self.backend)
+        if declared is not None:
+            texts = {"short": texts["short"]}
+        lengths = {}
+        for label, text in texts.items():
+            # One text per call, so a wrong length names its text. A cold model may be
+            # slow on its first call: allow more than a request gets.
+            futures = self.batcher.submit([text], self.backend.count_tokens([text]), self._task_key("passage"))
+            lengths[label] = int(self.batcher.wait(futures, max(self.cfg.timeout_s, 120))[0].shape[0])
+        problem = space.dimension_problem(self.backend.name, lengths, declared)
+        if problem:
+            raise BackendError(problem)
+        return next(iter(lengths.values()))
 
     def _attach_budget(self) -> None:
         """Give a hosted backend (one with `rate_account()`) its account's fleet budget."""
@@ -221,18 +265,20 @@ class Model:
     def _task_key(self, task: str) -> str | None:
         return task if self.task_split else None
 
-    def _embed_batch(self, texts: list[str], key: str | None) -> np.ndarray:
+    def _embed_batch(self, texts: list[str], key) -> np.ndarray:
         """Called by batch workers: one backend call, checked."""
+        key, pooling = key if isinstance(key, tuple) else (key, None)
         task = key or "passage"
+        extra = {"pooling": pooling} if pooling is not None else {}
         try:
             if self.budget is not None:
                 fn = getattr(self.backend, "embed_reply", self.backend.embed)
                 tokens = sum(self.backend.count_tokens(texts))
                 if self.stats:
                     self.stats.upstream_texts.labels(self.name).observe(len(texts))
-                raw = self.resilience.call(fn, texts, task, tokens=tokens)
+                raw = self.resilience.call(fn, texts, task, tokens=tokens, **extra)
             else:
-                raw = self.resilience.call(self.backend.embed, texts, task)
+                raw = self.resilience.call(self.backend.embed, texts, task, **extra)
         except VecshimError:
             raise
         except Exception as err:
@@ -244,6 +290,10 @@ class Model:
         try:
             arr = np.asarray(raw, dtype=np.float32)
         except (TypeError, ValueError) as err:
+            lengths = _lengths(raw)
+            if lengths:
+                raise BackendError(f"backend {self.backend.name!r} returned vectors of different lengths "
+                                   f"in one call ({', '.join(map(str, lengths))})") from None
             raise BackendError(f"backend {self.backend.name!r} returned non-numeric vectors") from err
         if arr.ndim != 2 or arr.shape[0] != len(texts):
             raise BackendError(f"backend {self.backend.name!r} returned {arr.shape[0] if arr.ndim else 0} "
@@ -256,20 +306,32 @@ class Model:
         return arr
 
     def check_dimensions(self, dimensions: int | None) -> int | None:
-        """Validate a requested output size; None means the native size."""
+        """Validate a requested output size; None means the native size.
+
+        Below the native size the vector is truncated (and renormalised if the
+        model's vectors are unit length), as sentence-transformers' `truncate_dim`
+        does, unless the model is configured `dimensions: strict` and is not
+        Matryoshka-trained.
+        """
         if dimensions is None or dimensions == self.dimension:
             return None
         if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1:
             raise BadRequest(f"dimensions must be a positive integer, got {brief(dimensions)}")
         if self.dimension is not None and dimensions > self.dimension:
             raise BadRequest(f"model {self.name!r} has {self.dimension} dimensions; cannot serve {dimensions}")
-        if not self.matryoshka:
+        if not self.matryoshka and self.cfg.dimensions == "strict":
             raise BadRequest(f"model {self.name!r} produces {self.dimension} dimensions and does not support "
-                             f"truncation (not a Matryoshka model); omit dimensions or set it to {self.dimension}")
+                             f"truncation (not a Matryoshka model, dimensions: strict); omit dimensions or "
+                             f"set it to {self.dimension}")
         return dimensions
 
-    def embed(self, texts: Sequence[str], task: str = "passage", dimensions: int | None = None) -> list[np.ndarray]:
-        """Embed texts for a task; return one float32 vector per text."""
+    def check_pooling(self, pooling) -> str | None:
+        """Validate a request's `pooling_strategy`; None means the model's own pooling."""
+        return space.resolve_pooling(self.name, self.poolings, pooling)
+
+    def embed(self, texts: Sequence[str], task: str = "passage", dimensions: int | None = None,
+              pooling: str | None = None) -> list[np.ndarray]:
+        """Embed texts for a task; return one float32 vector per text (of `dimensions`, if given)."""
         if task not in TASKS:
             raise BadRequest(f"task_type must be one of {', '.join(TASKS)}, got {brief(task)}")
         if not self.ready and self.state == "loading":
@@ -279,37 +341,43 @@ class Model:
         if not self.ready:
             raise BackendUnavailable(f"model {self.name!r} is not ready ({self.error or self.state})")
         dims = self.check_dimensions(dimensions)
-        vectors = self._embed_native(list(texts), task)
-        if dims is not None:
-            vectors = [v[:dims] for v in vectors]
-            if self.normalized:
-                vectors = [_unit(v) for v in vectors]
-        return vectors
+        pooling = self.check_pooling(pooling)
+        return self._embed_cached(list(texts), task, dims, pooling)
 
-    def _embed_native(self, texts: list[str], task: str) -> list[np.ndarray]:
+    def _embed_cached(self, texts: list[str], task: str, dims: int | None, pooling: str | None) -> list[np.ndarray]:
+        """Serve from the cache what it holds for exactly this space and size; compute the rest.
+
+        The cache holds vectors as served: keyed by the model's fingerprint (with
+        the request's pooling), the task and the served size, and checked
+        against that space and size when read back.
+        """
         key = self._task_key(task)
+        sid = space.space_id(self.fingerprint, pooling)
+        size = dims or self.dimension
         out: list[np.ndarray | None] = [None] * len(texts)
         keys = None
         if self.cache is not None:
             from .cache import cache_key
-            keys = [cache_key(self.fingerprint, key, None, t) for t in texts]
-            out = self.cache.get_many(keys)
+            keys = [cache_key(sid, key, dims, t) for t in texts]
+            out = self.cache.get_many(keys, space=sid, dimension=size)
             if self.stats:
                 hits = sum(v is not None for v in out)
                 self.stats.cache(self.name, hits, len(texts) - hits)
         todo = [i for i, v in enumerate(out) if v is None]
         if todo:
-            fresh = self._run([texts[i] for i in todo], task)
+            fresh = self._run([texts[i] for i in todo], task, pooling)
+            if dims is not None:
+                fresh = [space.truncate(v, dims, self.normalized) for v in fresh]
             for i, v in zip(todo, fresh):
                 out[i] = v
             if self.cache is not None:
-                self.cache.set_many([(keys[i], out[i]) for i in todo])
+                self.cache.set_many([(keys[i], out[i]) for i in todo], space=sid)
         return out
 
-    def _run(self, texts: list[str], task: str) -> list[np.ndarray]:
+    def _run(self, texts: list[str], task: str, pooling: str | None = None) -> list[np.ndarray]:
         """Embed cache misses: prefixes, long-text policy, batcher, fallbacks."""
         try:
-            return self._run_here(texts, task)
+            return self._run_here(texts, task, pooling)
         except (BackendError,) as err:
             for fb in self.fallbacks:
                 # The loader drops mismatched fallbacks only once all models are up:
@@ -319,12 +387,12 @@ class Model:
                 log.warning("model %r failed (%s); using fallback %r", self.name, err.message, fb.name,
                             extra={"model": self.name})
                 try:
-                    return fb._run_here(texts, task)
+                    return fb._run_here(texts, task, pooling)
                 except BackendError:
                     continue
             raise
 
-    def _run_here(self, texts: list[str], task: str) -> list[np.ndarray]:
+    def _run_here(self, texts: list[str], task: str, pooling: str | None = None) -> list[np.ndarray]:
         prefix = self.cfg.prefixes.query if task == "query" else self.cfg.prefixes.passage
         limit = self.backend.max_input_tokens
         inputs = [prefix + t for t in texts]
@@ -349,7 +417,8 @@ class Model:
                 unit_tokens.extend(self.backend.count_tokens([prefix + w for w in windows]))
             spans.append((start, len(units)))
         deadline = time.monotonic() + self.cfg.timeout_s
-        futures = self.batcher.submit(units, unit_tokens, self._task_key(task), deadline=deadline)
+        bkey = self._task_key(task) if pooling is None else (self._task_key(task), pooling)
+        futures = self.batcher.submit(units, unit_tokens, bkey, deadline=deadline)
         vecs = self.batcher.wait(futures, self.cfg.timeout_s)
         out = []
         for a, b in spans:
@@ -396,6 +465,14 @@ class Model:
                                       f"most {limit} per request (batch.max_request_tokens)")
             i = j
         return counts
+
+
+def _lengths(raw) -> list[int] | None:
+    """Each row's length if `raw` is a sequence of sequences, else None."""
+    try:
+        return [len(r) for r in raw]
+    except TypeError:
+        return None
 
 
 def _unit(v: np.ndarray) -> np.ndarray:

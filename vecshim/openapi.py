@@ -15,7 +15,7 @@ _TEXT = {"type": "string", "minLength": 1}
 _VECTOR = {"type": "array", "items": {"type": "number"}, "minItems": 1}
 _TEXTS = {"oneOf": [_TEXT, {"type": "array", "items": _TEXT, "minItems": 1, "maxItems": 2048}]}
 _NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
-         "description": "A configured model name."}
+         "description": "A configured model name (or, on `/models/{name}/rerank`, reranker name)."}
 _OPTIONAL_AUTH = [{}, {"bearer": []}]
 
 SCHEMAS: dict[str, Any] = {
@@ -129,6 +129,59 @@ SCHEMAS: dict[str, Any] = {
                            "use_cache": {"type": "boolean"}}}},
     },
     "FeatureExtractionReply": {"type": "array", "items": _VECTOR},
+    "RerankRequest": {
+        "type": "object", "required": ["query"],
+        "description": "Weaviate's reranker-transformers body. Without `documents`, a non-empty `property` "
+                       "is scored as the one document and the reply carries `score`.",
+        "properties": {
+            "query": {"type": "string"},
+            "documents": {"type": "array", "items": {"type": "string"}, "maxItems": 2048,
+                          "description": "Empty strings allowed (objects without the property)."},
+            "property": {"type": "string", "nullable": True},
+        },
+    },
+    "RerankReply": {
+        "type": "object", "required": ["query", "scores"],
+        "properties": {
+            "query": {"type": "string"},
+            "scores": {"type": "array", "nullable": True, "description": "One per document, in input order.",
+                       "items": {"type": "object", "required": ["document", "score"],
+                                 "properties": {"document": {"type": "string"}, "score": {"type": "number"}}}},
+            "property": {"type": "string", "nullable": True},
+            "score": {"type": "number", "nullable": True},
+            "error": {"type": "string", "nullable": True},
+        },
+    },
+    "CohereRerankRequest": {
+        "type": "object", "required": ["query", "documents"],
+        "properties": {
+            "query": {"type": "string"},
+            "documents": {"type": "array", "maxItems": 2048, "items": {"oneOf": [
+                {"type": "string"},
+                {"type": "object", "required": ["text"], "properties": {"text": {"type": "string"}}}]}},
+            "model": {"type": "string", "description": "A configured reranker name or alias; absent: the default."},
+            "top_n": {"type": "integer", "minimum": 1, "description": "Absent: every document."},
+            "return_documents": {"type": "boolean", "default": False},
+            "max_tokens_per_doc": {"type": "integer", "description": "Ignored: the reranker's `long_text` "
+                                                                    "policy applies."},
+        },
+    },
+    "CohereRerankReply": {
+        "type": "object", "required": ["id", "results", "meta"],
+        "properties": {
+            "id": {"type": "string"},
+            "results": {"type": "array", "description": "Sorted by score; every document once unless `top_n`.",
+                        "items": {"type": "object", "required": ["index", "relevance_score"], "properties": {
+                            "index": {"type": "integer", "minimum": 0},
+                            "relevance_score": {"type": "number"},
+                            "document": {"type": "object", "properties": {"text": {"type": "string"}}}}}},
+            "meta": {"type": "object"},
+        },
+    },
+    "CohereError": {
+        "type": "object", "required": ["message"],
+        "properties": {"id": {"type": "string"}, "message": {"type": "string"}},
+    },
 }
 
 
@@ -152,11 +205,11 @@ _EMBED_ERRORS = "400 401 404 413 502 503 504"
 
 
 def _embed(summary: str, description: str, tag: str, request: str, reply: str, *, errors: str = "Error",
-           path_name: bool = False) -> dict:
+           path_name: bool = False, ok: str = "The vectors, in input order") -> dict:
     op = {
         "tags": [tag], "summary": summary, "description": description, "security": _OPTIONAL_AUTH,
         "requestBody": {"required": True, "content": {"application/json": {"schema": _ref(request)}}},
-        "responses": {"200": _json(reply, "The vectors, in input order"), **_errors(_EMBED_ERRORS, errors)},
+        "responses": {"200": _json(reply, ok), **_errors(_EMBED_ERRORS, errors)},
     }
     if path_name:
         op["parameters"] = [_NAME]
@@ -190,6 +243,10 @@ def _paths() -> dict:
                "Weaviate sends one text per request with no Content-Type; any Content-Type is parsed as JSON.")
     hf = ("Feature extraction for text2vec-huggingface `endpointURL`",
           "Replies with a bare `[[float, ...], ...]`. Every text is embedded as a passage.")
+    rerank = ("Score documents against a query (reranker-transformers)",
+              "One score per document, in input order (Weaviate's client assigns them by position). "
+              "`{name}` is a configured reranker; `/rerank` uses the default one.")
+    cohere = "`model` names a configured reranker. Results are sorted by score; errors are `{\"message\"}`."
     return {
         "/.well-known/live": _health("live", False),
         "/.well-known/ready": _health("ready", False),
@@ -216,6 +273,13 @@ def _paths() -> dict:
         "/hf": _embed(*hf, "huggingface", "FeatureExtractionRequest", "FeatureExtractionReply"),
         "/models/{name}/hf": _embed(*hf, "huggingface", "FeatureExtractionRequest", "FeatureExtractionReply",
                                     path_name=True),
+        "/rerank": _embed(*rerank, "rerank", "RerankRequest", "RerankReply", ok="The scores"),
+        "/models/{name}/rerank": _embed(*rerank, "rerank", "RerankRequest", "RerankReply", path_name=True,
+                                        ok="The scores"),
+        "/v1/rerank": _embed("Cohere v1 rerank", cohere, "rerank", "CohereRerankRequest", "CohereRerankReply",
+                             errors="CohereError", ok="The ranking"),
+        "/v2/rerank": _embed("Cohere v2 rerank (reranker-cohere with baseURL, cohere SDK)", cohere, "rerank",
+                             "CohereRerankRequest", "CohereRerankReply", errors="CohereError", ok="The ranking"),
         "/metrics": {"get": {
             "tags": ["ops"], "summary": "Prometheus metrics (text format)",
             "description": "Behind `server.auth.metrics_tokens` when that list is set.",
@@ -241,14 +305,16 @@ def get_spec() -> dict[str, Any]:
             "title": "vecshim",
             "version": __version__,
             "description": "Embeddings for Weaviate's self-hosted text modules (transformers, model2vec, "
-                           "openai, ollama, huggingface) from any configured backend. Every route shares "
-                           "the same models, batcher, cache and limits. `GET /openapi.json` is this document as JSON.",
+                           "openai, ollama, huggingface) from any configured backend, and reranking for "
+                           "reranker-transformers and reranker-cohere. Every route shares the same models, "
+                           "batcher, cache and limits. `GET /openapi.json` is this document as JSON.",
         },
         "tags": [
             {"name": "weaviate", "description": "text2vec-transformers and text2vec-model2vec, per model"},
             {"name": "openai", "description": "text2vec-openai with a custom baseURL, and OpenAI clients"},
             {"name": "ollama", "description": "text2vec-ollama"},
             {"name": "huggingface", "description": "text2vec-huggingface with a custom endpointURL"},
+            {"name": "rerank", "description": "reranker-transformers and reranker-cohere with a custom baseURL"},
             {"name": "ops", "description": "Metrics and this document"},
         ],
         "paths": _paths(),

@@ -1,4 +1,4 @@
-"""Plugin manager: built-in backends, plugin folders and entry points, one hook."""
+"""Plugin manager: built-in backends and rerankers, plugin folders and entry points."""
 from __future__ import annotations
 
 import importlib
@@ -15,23 +15,32 @@ import pluggy
 from . import hookspecs
 from .backend import Backend
 from .errors import ConfigError, UnknownBackendError
+from .reranker import Reranker
 
-__all__ = ["DEFAULT_PLUGINS", "Registry", "get_plugin_manager", "collect_backends", "plugin_infos"]
+__all__ = ["DEFAULT_PLUGINS", "Registry", "get_plugin_manager", "collect_backends", "plugin_infos",
+           "plugin_origin"]
 
-#: Built-in backends, registered exactly like third-party plugins.
+#: Built-in backends and rerankers, registered exactly like third-party plugins.
 DEFAULT_PLUGINS = (
     "vecshim.backends.local",
     "vecshim.backends.openai_api",
     "vecshim.backends.cohere_api",
+    "vecshim.rerankers.bi_encoder",
+    "vecshim.rerankers.cross_encoder",
+    "vecshim.rerankers.cohere_rerank",
 )
 
 
 @dataclass
 class Registry:
-    """Backend classes by name, with the plugin that registered each."""
+    """Backend and reranker classes by name, with the plugin that registered each."""
 
     backends: dict[str, type[Backend]] = field(default_factory=dict)
     owners: dict[str, str] = field(default_factory=dict)
+    #: Backend name -> {"plugin", "distribution", "version"} of its registering plugin.
+    origins: dict[str, dict] = field(default_factory=dict)
+    rerankers: dict[str, type[Reranker]] = field(default_factory=dict)
+    reranker_owners: dict[str, str] = field(default_factory=dict)
 
     def get(self, name: str) -> type[Backend]:
         """Return the backend class called `name` or raise UnknownBackendError."""
@@ -40,6 +49,13 @@ class Registry:
         except KeyError:
             raise UnknownBackendError(name, self.backends) from None
 
+    def get_reranker(self, name: str) -> type[Reranker]:
+        """Return the reranker class called `name` or raise UnknownBackendError."""
+        try:
+            return self.rerankers[name]
+        except KeyError:
+            raise UnknownBackendError(name, self.rerankers, kind="reranker") from None
+
 
 class PluginManager(pluggy.PluginManager):
     """pluggy's manager plus the distribution version of each entry-point plugin."""
@@ -47,6 +63,7 @@ class PluginManager(pluggy.PluginManager):
     def __init__(self):
         super().__init__(hookspecs.NAME)
         self.versions: dict[str, str] = {}
+        self.distributions: dict[str, str] = {}
 
 
 def _load_file(pm: pluggy.PluginManager, path: Path) -> None:
@@ -91,6 +108,7 @@ def _load_entrypoint(pm: PluginManager, dist, ep) -> None:
             f"{type(err).__name__}: {err}") from err
     _register(pm, plugin, ep.name)
     pm.versions[ep.name] = dist.version
+    pm.distributions[ep.name] = dist.metadata["Name"]
 
 
 def get_plugin_manager(*, dirs: Iterable[str | Path] = (), disable: Iterable[str] = (),
@@ -139,6 +157,28 @@ def get_plugin_manager(*, dirs: Iterable[str | Path] = (), disable: Iterable[str
     return pm
 
 
+def plugin_origin(pm: pluggy.PluginManager, plugin: object) -> dict:
+    """Which plugin registered a backend: a stable name, its distribution and version.
+
+    Part of every model's fingerprint, so it must not change between processes:
+    an object registered without a name is named by its class, not pluggy's id().
+    """
+    from . import __version__
+
+    name = pm.get_name(plugin) or ""
+    dist = getattr(pm, "distributions", {}).get(name)
+    version = getattr(pm, "versions", {}).get(name)
+    if name.startswith("vecshim.") and dist is None:
+        dist, version = "vecshim", __version__
+    if name.isdigit() or not name:  # pluggy names an unnamed object by id()
+        cls = plugin if inspect.ismodule(plugin) or inspect.isclass(plugin) else type(plugin)
+        name = f"{getattr(cls, '__module__', '?')}.{getattr(cls, '__qualname__', cls.__name__)}"
+    if version is None:
+        module = plugin if inspect.ismodule(plugin) else sys.modules.get(getattr(plugin, "__module__", ""))
+        version = getattr(plugin, "__version__", None) or getattr(module, "__version__", None)
+    return {"plugin": name, "distribution": dist, "version": None if version is None else str(version)}
+
+
 def _check_pending(pm: pluggy.PluginManager) -> None:
     try:
         pm.check_pending()
@@ -149,29 +189,42 @@ def _check_pending(pm: pluggy.PluginManager) -> None:
 
 
 def collect_backends(pm: pluggy.PluginManager, errors: list[tuple[str, str]] | None = None) -> Registry:
-    """Call every `register_backends` hook and return the registry; duplicates fail.
+    """Call every `register_backends` and `register_rerankers` hook; duplicate names fail.
 
     With an `errors` list, a failing plugin is recorded there and skipped.
     """
     registry = Registry()
-    for impl in reversed(pm.hook.register_backends.get_hookimpls()):
-        owner = impl.plugin_name
+    _collect(pm, "register_backends", Backend, "backend", registry.backends, registry.owners, errors,
+             registry.origins)
+    _collect(pm, "register_rerankers", Reranker, "reranker", registry.rerankers, registry.reranker_owners,
+             errors)
+    return registry
 
-        def register(cls, _owner=owner):
-            if not (inspect.isclass(cls) and issubclass(cls, Backend)):
-                raise ConfigError(f"plugin {_owner!r} registered {cls!r}, which is not a vecshim.Backend subclass")
+
+def _collect(pm: pluggy.PluginManager, hook: str, base: type, kind: str, classes: dict, owners: dict,
+             errors: list[tuple[str, str]] | None, origins: dict | None = None) -> None:
+    for impl in reversed(getattr(pm.hook, hook).get_hookimpls()):
+        owner = impl.plugin_name
+        origin = plugin_origin(pm, impl.plugin)
+
+        def register(cls, _owner=owner, origin=origin):
+            if not (inspect.isclass(cls) and issubclass(cls, base)):
+                raise ConfigError(f"plugin {_owner!r} registered {cls!r}, which is not a "
+                                  f"vecshim.{base.__name__} subclass")
             name = getattr(cls, "name", None)
             if not isinstance(name, str) or not name:
-                raise ConfigError(f"plugin {_owner!r}: backend {cls.__name__} has no name")
+                raise ConfigError(f"plugin {_owner!r}: {kind} {cls.__name__} has no name")
             if inspect.isabstract(cls):
                 missing = ", ".join(sorted(cls.__abstractmethods__))
-                raise ConfigError(f"plugin {_owner!r}: backend {name!r} does not implement {missing}")
-            if name in registry.backends:
+                raise ConfigError(f"plugin {_owner!r}: {kind} {name!r} does not implement {missing}")
+            if name in classes:
                 raise ConfigError(
-                    f"backend name {name!r} registered twice: by plugin {registry.owners[name]!r} "
+                    f"{kind} name {name!r} registered twice: by plugin {owners[name]!r} "
                     f"and by plugin {_owner!r}")
-            registry.backends[name] = cls
-            registry.owners[name] = _owner
+            classes[name] = cls
+            owners[name] = _owner
+            if origins is not None:
+                origins[name] = origin
 
         args = {"register": register}
         try:
@@ -180,13 +233,11 @@ def collect_backends(pm: pluggy.PluginManager, errors: list[tuple[str, str]] | N
             except ConfigError:
                 raise
             except Exception as err:
-                raise ConfigError(f"plugin {owner!r} failed in register_backends: "
-                                  f"{type(err).__name__}: {err}") from err
+                raise ConfigError(f"plugin {owner!r} failed in {hook}: {type(err).__name__}: {err}") from err
         except ConfigError as err:
             if errors is None:
                 raise
             errors.append(("plugins", err.message))
-    return registry
 
 
 def plugin_infos(pm: pluggy.PluginManager) -> list[dict]:

@@ -138,14 +138,20 @@ def read_cohere_headers(headers: Mapping[str, str] | None) -> UpstreamInfo:
 class Window:
     """How many calls may be in flight: additive increase, multiplicative decrease.
 
-    Each success adds 1/limit (one call per full window of successes); a 429
-    halves the limit, and a call more than `slow_factor` times slower than
+    A call holds its place through all its attempts and retry waits, so while
+    the upstream pushes back fewer calls are out and texts gather into the
+    next one. Each success adds 1/limit (one call per full window of
+    successes); a 429 halves the limit, and a call more than `slow_factor` times slower than
     the recent baseline cuts it by 10 %. At most one decrease per `cooldown_s`
-    (about one round trip), so one burst of 429s counts once.
+    (about one round trip), so one burst of 429s counts once. The limit stays
+    at 2 or more (unless the ceiling is 1): the rate budget, not the window,
+    is what holds a slow account back.
     """
 
     def __init__(self, initial: int, maximum: int, *, slow_factor: float = 4.0):
         self.maximum = max(1, maximum)
+        # Never below 2 (when allowed): one call stuck retrying must not hold up every text.
+        self.minimum = min(2.0, self.maximum)
         self.limit = float(min(max(1, initial), self.maximum))
         self.in_flight = 0
         self.slow_factor = slow_factor
@@ -170,10 +176,15 @@ class Window:
             self.in_flight += 1
             return True
 
-    def release(self, outcome: str, seconds: float) -> None:
-        """End a call: `outcome` is "ok", "429" or "error"; `seconds` its duration."""
+    def release(self) -> None:
+        """End a call (all its attempts)."""
         with self._cond:
             self.in_flight -= 1
+            self._cond.notify_all()
+
+    def observe(self, outcome: str, seconds: float) -> None:
+        """Adapt to one attempt: `outcome` is "ok", "429" or "error"; `seconds` its duration."""
+        with self._cond:
             now = time.monotonic()
             if outcome == "429":
                 self._decrease(now, 0.5, seconds)
@@ -184,9 +195,9 @@ class Window:
                 else:
                     self.limit = min(self.maximum, self.limit + 1.0 / self.limit)
                 self._baseline = seconds if base is None else 0.9 * base + 0.1 * seconds
-            self._cond.notify_all()
+            self._cond.notify_all()  # the limit may have grown
 
     def _decrease(self, now: float, factor: float, seconds: float) -> None:
         if now >= self._cut_at:
-            self.limit = max(1.0, self.limit * factor)
+            self.limit = max(self.minimum, self.limit * factor)
             self._cut_at = now + max(0.05, seconds)

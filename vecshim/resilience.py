@@ -5,7 +5,8 @@ Backends only say what went wrong (an `UpstreamError` with `retryable` and
 `retry_after`); this module decides when to try again and when to stop.
 For a hosted API it also paces calls with the account's fleet budget
 (`vecshim.budget`) and an AIMD window of concurrent calls (`vecshim.ratelimit`),
-and tells the batcher (`delay()`) when a new call would have to wait.
+and books the next call's slot for the batcher (`admit()`), which gathers
+texts until then.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ from .ratelimit import Reply, UpstreamInfo, Window, parse_retry_after
 __all__ = ["RetryPolicy", "CircuitPolicy", "Resilience", "parse_retry_after"]
 
 T = TypeVar("T")
+#: How long after its slot a request booked by `admit()` may still be used.
+TICKET_S = 1.0
 
 
 class RetryPolicy(BaseModel):
@@ -91,6 +94,7 @@ class Resilience:
         self._opened_at: float | None = None  # None: closed
         self._probing = False
         self._listeners: list[Callable[[], None]] = []
+        self._ticket = threading.local()  # a request booked by admit() for this thread's next call
 
     @property
     def state(self) -> str:
@@ -100,20 +104,27 @@ class Resilience:
                 return "closed"
             return "open" if time.monotonic() < self._opened_at + self.circuit.reset_s else "half-open"
 
-    def delay(self) -> float:
-        """Seconds until another call could start (0: now; inf: when a call in flight ends).
+    def admit(self) -> tuple[bool, float]:
+        """For a batch worker about to call: (booked, seconds until the call may go).
 
-        The batcher asks before taking a batch, so texts pile up into one
-        larger call while the upstream has no room.
+        With room in the concurrency window, books this thread's next request
+        in the rate budget (its first attempt then reserves only tokens) and
+        returns (True, wait). Otherwise (False, inf) when the window is full,
+        or (False, wait) when the budget has no slot within the retry budget.
+        The worker gathers texts meanwhile, so they leave in one larger call.
         """
         if self.window is not None and not self.window.free:
-            return math.inf
+            return False, math.inf
         if self.budget is None or self.state != "closed":
-            return 0.0  # an open circuit fails fast; let it
+            return True, 0.0  # an open circuit fails fast; let it
         try:
-            return self.budget.peek()
+            wait = self.budget.reserve(0, max_wait=self.retry.budget_s)
         except Exception:  # a broken store must not stop the batcher; call() reports it
-            return 0.0
+            return True, 0.0
+        if wait > self.retry.budget_s:
+            return False, wait
+        self._ticket.until = time.monotonic() + wait + TICKET_S
+        return True, wait
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         """Call `listener()` when a call ends (room may have opened)."""
@@ -125,12 +136,25 @@ class Resilience:
         `tokens`: the call's estimated tokens, reserved from the rate budget.
         """
         try:
-            return self._call(fn, args, kwargs, tokens)
+            if self.window is None:
+                return self._call(fn, args, kwargs, tokens, None)
+            place = _Place(self)
+            place.take(time.monotonic() + self.retry.budget_s)
+            try:
+                return self._call(fn, args, kwargs, tokens, place)
+            finally:
+                place.leave()
         except Exception:
             self._on_event("failure")
             raise
 
-    def _call(self, fn, args, kwargs, tokens):
+    def _window_changed(self) -> None:
+        if self._on_window:
+            self._on_window(self.window.limit, self.window.in_flight)
+        for listener in list(self._listeners):
+            listener()
+
+    def _call(self, fn, args, kwargs, tokens, place):
         start = time.monotonic()
         deadline = start + self.retry.budget_s
         attempt = 0
@@ -149,12 +173,17 @@ class Resilience:
                 if err.upstream_status == 429 and self.budget is not None:
                     # Everyone on this account waits, not just this call.
                     self.budget.pause(err.retry_after if err.retry_after is not None else delay)
+                    self.budget.rate_limited()
                 # A next attempt as slow as this one (a timeout, say) must still fit the budget.
                 capped = self.retry.max_attempts is not None and attempt >= self.retry.max_attempts
                 if capped or now + delay + (now - began) > deadline:
                     raise self._give_up(err, attempt, now - start, delay) from err
                 self._on_event("retry")
+                if place is not None:  # let other calls go meanwhile
+                    place.leave()
                 time.sleep(delay)
+                if place is not None:
+                    place.take(deadline)
                 continue
             except BaseException:
                 self._release_probe()
@@ -180,10 +209,7 @@ class Resilience:
             self._slots.release()
 
     def _paced_attempt(self, fn, args, kwargs, deadline, tokens):
-        """One attempt within the window and the budget; learn from what the upstream says."""
-        if not self.window.acquire(max(0.0, deadline - time.monotonic())):
-            raise BackendUnavailable(f"{self.name}: no upstream call slot freed up within the "
-                                     f"{self.retry.budget_s:g} s budget")
+        """One attempt within the budget; learn from what the upstream says."""
         outcome, began = "error", time.monotonic()
         try:
             self._reserve(tokens, deadline)
@@ -203,23 +229,22 @@ class Resilience:
             self._learn(info, tokens, True)
             return result
         finally:
-            self.window.release(outcome, time.monotonic() - began)
-            if self._on_window:
-                self._on_window(self.window.limit, self.window.in_flight)
-            for listener in list(self._listeners):
-                listener()
+            if outcome != "429":
+                self.budget.accepted()
+            self.window.observe(outcome, time.monotonic() - began)
+            self._window_changed()
 
     def _reserve(self, tokens: int, deadline: float) -> None:
-        """Wait until the budget lets this call go, or raise if that is past the deadline."""
-        while True:
-            wait = self.budget.reserve(tokens)
-            if wait <= 0:
-                return
-            if time.monotonic() + wait > deadline:
-                retry_in = max(1, math.ceil(wait))
-                raise BackendUnavailable(
-                    f"{self.name}: the upstream's rate budget has no room for {wait:.1f} s, beyond "
-                    f"the {self.retry.budget_s:g} s retry budget", headers={"Retry-After": str(retry_in)})
+        """Book this attempt in the budget and wait for its slot, or raise if that is past the deadline."""
+        booked = getattr(self._ticket, "until", 0.0) >= time.monotonic()
+        self._ticket.until = 0.0
+        wait = self.budget.reserve(tokens, requests=not booked, max_wait=deadline - time.monotonic())
+        if time.monotonic() + wait > deadline:
+            retry_in = max(1, math.ceil(wait))
+            raise BackendUnavailable(
+                f"{self.name}: the upstream's rate budget has no room for {wait:.1f} s, beyond "
+                f"the {self.retry.budget_s:g} s retry budget", headers={"Retry-After": str(retry_in)})
+        if wait > 0:
             time.sleep(wait)
 
     def _learn(self, info: UpstreamInfo | None, tokens: int, ok: bool) -> None:
@@ -276,3 +301,23 @@ class Resilience:
     def _release_probe(self) -> None:
         with self._lock:
             self._probing = False
+
+
+class _Place:
+    """A call's place in its Resilience's AIMD window."""
+
+    def __init__(self, res: Resilience):
+        self.res = res
+        self.held = False
+
+    def take(self, deadline: float) -> None:
+        if not self.res.window.acquire(max(0.0, deadline - time.monotonic())):
+            raise BackendUnavailable(f"{self.res.name}: no upstream call slot freed up within the "
+                                     f"{self.res.retry.budget_s:g} s budget")
+        self.held = True
+
+    def leave(self) -> None:
+        if self.held:
+            self.held = False
+            self.res.window.release()
+            self.res._window_changed()

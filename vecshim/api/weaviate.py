@@ -14,7 +14,7 @@ bp = Blueprint("weaviate", __name__)
 def live(name: str | None = None):
     """Alive as long as the process answers."""
     if name is not None:
-        get_state().get_model(name)
+        get_state().check_name(name)
     return Response(status=204)
 
 
@@ -45,5 +45,5 @@ def vectors(name: str | None = None):
     model = state.get_model(name)
     req = parse_vectors_request(request.get_data(cache=False))
     checked_texts([req.text], "text")
-    vector = model.embed([req.text], req.task, req.dimensions)[0]
+    vector = model.embed([req.text], req.task, req.dimensions, req.pooling_strategy)[0]
     return json_response(render_vectors_reply(req.text, vector))

@@ -67,6 +67,7 @@ class CohereBackend(Backend):
         super().__init__(options)
         self.max_batch_size = options.max_batch_size
         self.max_input_tokens = options.max_input_tokens
+        self.dimension = options.output_dimension
         self.input_types = {"query": options.input_type_query,
                             "passage": options.input_type_passage}
         self._client: Any = None

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ..backend import Backend, BackendOptions, TokenizerTextMixin
-from ..errors import ConfigError
+from ..errors import BackendError, ConfigError
 from ..hookspecs import hookimpl
 from .runtimes import RUNTIME_MODULES, default_cache_dir
 
@@ -32,6 +32,17 @@ RUNTIME_BATCH = {
     "onnx": {"max_batch_size": 16, "cost": DEFAULT_COST},
     "onnx-int8": {"max_batch_size": 16, "cost": DEFAULT_COST},
 }
+#: Weaviate's `pooling_strategy` names for sentence-transformers' pooling modes, and back.
+WEAVIATE_POOLING = {"mean": "masked_mean", "cls": "cls"}
+ST_POOLING = {v: k for k, v in WEAVIATE_POOLING.items()}
+
+
+def pooling_strategies(mode: str | None) -> tuple[str, ...]:
+    """The strategies a model pooled with `mode` can serve, its own first (none if not replaceable)."""
+    own = WEAVIATE_POOLING.get(mode or "")
+    return (own, *(p for p in ST_POOLING if p != own)) if own else ()
+
+
 #: Runtime of the bundled model when `runtime: auto` and the onnx extra is installed:
 #: the fastest whose vectors match torch's. Served on 2 cores, onnx gave 1.61x the raw
 #: torch batch-32 rate with min cosine 1.000000 to torch (bench/RESULTS.md "Runtimes").
@@ -85,6 +96,9 @@ class SentenceTransformersOptions(BackendOptions):
     #: Inference runtime: torch, ONNX Runtime fp32, or ONNX Runtime int8 (a different
     #: vector space). auto: BUNDLED_AUTO_RUNTIME for the bundled model if installed, else torch.
     runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
+    #: ONNX: a second session using every core for a text that arrives alone (lower
+    #: single-request latency; one more copy of the weights in memory).
+    solo_session: bool = True
     #: Folder for exported ONNX models (None: $VECSHIM_ONNX_CACHE, else $XDG_CACHE_HOME/vecshim/onnx).
     onnx_cache_dir: str | None = None
 
@@ -117,7 +131,13 @@ class SentenceTransformersBackend(TokenizerTextMixin, Backend):
         self._tok_lock = threading.Lock()
         self._prompts: dict[str, str] = {"query": "", "passage": ""}
         self._light = None  # the torch-free ONNX pipeline, when a cached export allows it
+        self._callers: int | None = None
         self._max_seq_length: int | None = None
+        self._alt_pooling: dict[str, Any] = {}
+
+    def plan_threads(self, callers: int) -> None:
+        """Split the cores between the batch threads that call embed() at once."""
+        self._callers = callers
 
     def _resolve_runtime(self, options: SentenceTransformersOptions) -> str:
         """The configured runtime, `auto` resolved; a missing extra is a config error."""
@@ -142,7 +162,7 @@ class SentenceTransformersBackend(TokenizerTextMixin, Backend):
     def load(self) -> None:
         """Load weights (offline for the bundled model), set threads, load the ONNX encoder if asked."""
         opts = self.options
-        threads = opts.threads or max(1, available_cpus() // (self.concurrency or 1))
+        threads = opts.threads or max(1, available_cpus() // (self._callers or self.concurrency or 1))
         if self.runtime != "torch" and self._load_light(threads):
             return
         try:
@@ -178,6 +198,8 @@ class SentenceTransformersBackend(TokenizerTextMixin, Backend):
         self._counter.no_truncation()
         self._counter.no_padding()
         self._model = model
+        from .onnx_light import pipeline_pooling
+        self.pooling_strategies = pooling_strategies(pipeline_pooling(model))
         if self.runtime != "torch":
             self._load_onnx(threads)
 
@@ -207,13 +229,15 @@ class SentenceTransformersBackend(TokenizerTextMixin, Backend):
         folder = self._cache_dir() / key
         if not all((folder / f).exists() for f in (MANIFEST, "check.json", "model.onnx", "tokenizer.json")):
             return False
-        light = LightModel(folder, threads, self.options.max_seq_length)
+        solo = available_cpus() if self.options.threads is None and self.options.solo_session else None
+        light = LightModel(folder, threads, self.options.max_seq_length, solo_threads=solo)
         self._set_prompts(light.prompts)
         self.max_input_tokens = light.max_input_tokens
         self.normalized = light.normalize
         self._max_seq_length = light.max_seq_length
         self._counter = light.counter
         self._light = light
+        self.pooling_strategies = pooling_strategies(light.manifest["pooling"])
         self._check = check_verdict(folder, self.runtime, light.encode)
         return True
 
@@ -235,10 +259,15 @@ class SentenceTransformersBackend(TokenizerTextMixin, Backend):
             return self._model.preprocess(list(texts), prompt=prompt)
 
     @property
-    def vector_space(self) -> str:
-        """`torch` if vectors are torch's (torch itself or checked fp32 ONNX), else the runtime."""
+    def vector_space(self) -> str | None:
+        """`torch` if vectors are torch's (torch itself or checked fp32 ONNX), else the runtime.
+
+        None for fp32 ONNX before its check ran: config alone cannot tell.
+        """
         if self.runtime == "torch" or (self._check or {}).get("torch_equivalent"):
             return "torch"
+        if self.runtime == "onnx" and self._check is None:
+            return None
         return self.runtime
 
     def info(self) -> dict[str, Any]:
@@ -256,24 +285,48 @@ class SentenceTransformersBackend(TokenizerTextMixin, Backend):
         fp32 ONNX reports `torch` only when its check set matched torch's vectors
         (cosine >= 0.9999), so it shares caches and fallbacks with torch; int8 never does.
         """
-        return {"model": self.model_id, "revision": self.options.revision, "runtime": self.vector_space,
-                "max_seq_length": self._max_seq_length,
-                "prompts": dict(self._prompts)}
+        parts = {"model": self.model_id, "revision": self.options.revision, "runtime": self.vector_space,
+                 "max_seq_length": self._max_seq_length, "prompts": dict(self._prompts)}
+        # Before load, what only loading decides is missing (not None), so configs compare without it.
+        return {k: v for k, v in parts.items() if v is not None or k == "revision"}
 
-    def embed(self, texts, task):
-        """One forward pass over `texts` (the core already grouped them by length)."""
+    def embed(self, texts, task, pooling: str | None = None):
+        """One forward pass over `texts` (the core already grouped them by length).
+
+        `pooling` (`masked_mean` or `cls`, from `pooling_strategies`) replaces the
+        model's own Pooling module for this call.
+        """
+        if pooling is not None and pooling not in self.pooling_strategies:
+            raise BackendError(f"backend 'sentence-transformers' cannot pool {pooling!r} for this model")
         if self._light is not None:
-            return self._light.encode(list(texts), self._prompts[task] or None)
+            return self._light.encode(list(texts), self._prompts[task] or None, ST_POOLING.get(pooling or ""))
         import torch
 
         model = self._model
         with self._tok_lock:
             features = model.preprocess(list(texts), prompt=self._prompts[task] or None)
+        post = None if pooling is None else [self._pooling_module(pooling), *list(model)[2:]]
         if self._encoder is not None:
-            return self._encoder(features)
+            return self._encoder(features, post)
         with torch.inference_mode():
-            out = model(features)["sentence_embedding"]
+            if post is None:
+                out = model(features)["sentence_embedding"]
+            else:
+                features = model[0](features)
+                for module in post:
+                    features = module(features)
+                out = features["sentence_embedding"]
         return out.float().cpu().numpy()
+
+    def _pooling_module(self, pooling: str):
+        """A Pooling module like the model's own, with another mode (built once per mode)."""
+        module = self._alt_pooling.get(pooling)
+        if module is None:
+            own = self._model[1]
+            module = type(own)(own.embedding_dimension, pooling_mode=ST_POOLING[pooling],
+                               include_prompt=getattr(own, "include_prompt", True))
+            self._alt_pooling[pooling] = module
+        return module
 
 
 @hookimpl

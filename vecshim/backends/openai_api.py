@@ -76,6 +76,7 @@ class OpenAIBackend(Backend):
         self.max_input_tokens = options.max_input_tokens
         # text-embedding-3 models are trained so that a prefix is a good embedding.
         self.matryoshka = options.model.startswith("text-embedding-3")
+        self.dimension = options.dimensions
         self._client: Any = None
         self._openai: Any = None
         self._key: str | None = None

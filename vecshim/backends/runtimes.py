@@ -126,14 +126,14 @@ class OnnxEncoder:
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.post = list(st_model)[1:]
 
-    def __call__(self, features: dict) -> np.ndarray:
-        """Sentence embeddings for already tokenized `features`."""
+    def __call__(self, features: dict, post: list | None = None) -> np.ndarray:
+        """Sentence embeddings for already tokenized `features` (`post`: other modules after the encoder)."""
         import torch
 
         feed = {k: features[k].numpy() for k in self.inputs}
         features["token_embeddings"] = torch.from_numpy(self.session.run(None, feed)[0])
         with torch.inference_mode():
-            for module in self.post:
+            for module in post if post is not None else self.post:
                 features = module(features)
         return features["sentence_embedding"].float().numpy()
 

@@ -14,7 +14,8 @@ Subclass `BackendConformance` in a test module and say what to test::
 
 Each contract rule is one test. Without pytest, `run_conformance(MyBackend,
 {"model": "small"})` runs the same checks and raises ConformanceError
-(pytest is imported only when `BackendConformance` is used).
+(pytest is imported only when `BackendConformance` is used). Rerankers have
+the same pair: `RerankerConformance` and `run_reranker_conformance`.
 """
 from __future__ import annotations
 
@@ -22,9 +23,11 @@ from typing import Any, Sequence
 
 from ..backend import Backend
 from .checks import CHECKS
+from .rerank_checks import RERANKER_CHECKS, RerankerSubject, run_reranker_conformance
 from .subject import TEXTS, ConformanceError, Subject
 
-__all__ = ["BackendConformance", "ConformanceError", "Subject", "run_conformance", "CHECKS", "TEXTS"]
+__all__ = ["BackendConformance", "ConformanceError", "Subject", "run_conformance", "CHECKS", "TEXTS",
+           "RerankerConformance", "RerankerSubject", "run_reranker_conformance", "RERANKER_CHECKS"]
 
 
 def run_conformance(backend_class: type[Backend], options: dict[str, Any] | None = None, *,
@@ -55,4 +58,7 @@ def __getattr__(name: str):
     if name == "BackendConformance":
         from .kit import BackendConformance
         return BackendConformance
+    if name == "RerankerConformance":
+        from .rerank_kit import RerankerConformance
+        return RerankerConformance
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,6 +13,7 @@ from ..backend import TASKS, Backend
 from ..config import ModelConfig
 from ..errors import BackendError, ConfigError, VecshimError
 from ..model import Model
+from ..space import identity_problem
 from .subject import _WORDS, TEXTS, ConformanceError, Subject, assert_close as _close, embed, require
 
 __all__ = ["ConformanceError", "Subject", "CHECKS", "TEXTS"]
@@ -56,8 +57,10 @@ def check_options(s: Subject) -> None:
 
 
 def check_info(s: Subject) -> None:
-    """info() and fingerprint_parts() are JSON-safe dicts without secrets."""
+    """info() and fingerprint_parts() are JSON-safe dicts without secrets; the identity is not empty."""
     b = s.backend
+    problem = identity_problem(b)
+    require(problem is None, problem)
     for name in ("info", "fingerprint_parts"):
         value = getattr(b, name)()
         require(isinstance(value, dict), f"{name}() must return a dict, got {type(value).__name__}")
@@ -76,6 +79,12 @@ def check_dimension(s: Subject) -> None:
     b = s.backend
     first = embed(b, TEXTS)
     dim = first.shape[1]
+    require(b.dimension is None or b.dimension == dim,
+            f"backend declares dimension {b.dimension} but returned vectors of length {dim}")
+    long_text = _text_of(b, b.max_input_tokens or 256)
+    for label, text in (("long", long_text), ("multilingual", TEXTS[3])):
+        n = embed(b, [text]).shape[1]
+        require(n == dim, f"a {label} text gave vectors of length {n}, short texts {dim}")
     for task in TASKS:
         again = embed(b, TEXTS[::-1], task)
         require(again.shape[1] == dim, f"task {task!r} gave dimension {again.shape[1]}, earlier {dim}")

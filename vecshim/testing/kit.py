@@ -51,11 +51,11 @@ class BackendConformance:
         checks.check_options(conformance_subject)
 
     def test_info_has_no_secrets(self, conformance_subject):
-        """info() and fingerprint_parts() are JSON-safe and never reveal secrets."""
+        """info() and fingerprint_parts() are JSON-safe, never reveal secrets, and name the model."""
         checks.check_info(conformance_subject)
 
     def test_dimension_stable(self, conformance_subject):
-        """One vector length for every text and task; normalisation as declared."""
+        """One vector length for every text (short, long, multilingual) and task; as declared."""
         checks.check_dimension(conformance_subject)
 
     def test_batch_equals_one_by_one(self, conformance_subject):

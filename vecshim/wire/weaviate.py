@@ -73,6 +73,15 @@ def _dimensions(value: Any) -> int | None:
     return value
 
 
+def _pooling(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise BadRequest(f"config.pooling_strategy must be a string such as 'masked_mean' or 'cls', "
+                         f"got {brief(value)}")
+    return value
+
+
 def parse_vectors_request(raw: bytes) -> VectorsRequest:
     """Parse a `/vectors` body; `dims`, `vector`, `error` and unknown keys are ignored."""
     body = parse_json_object(raw)
@@ -88,12 +97,11 @@ def parse_vectors_request(raw: bytes) -> VectorsRequest:
         config = {}
     elif not isinstance(config, dict):
         raise BadRequest(f"field 'config' must be an object, got {type(config).__name__}")
-    pooling = config.get("pooling_strategy")
     return VectorsRequest(
         text=clean_text(text),
         task=_task(config.get("task_type")),
         dimensions=_dimensions(config.get("dimensions")),
-        pooling_strategy=pooling if isinstance(pooling, str) else None,
+        pooling_strategy=_pooling(config.get("pooling_strategy")),
     )
 
 

@@ -1,0 +1,1 @@
+"""Built-in rerankers, registered through `register_rerankers` like any plugin."""
