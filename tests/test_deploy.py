@@ -32,7 +32,7 @@ from vecshim import __version__
 from vecshim import config as vconfig
 from vecshim.app import create_app
 from vecshim.cli import build_parser
-from vecshim.server import DEFAULTS, default_workers
+from vecshim.server import DEFAULTS, check_models
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -221,7 +221,7 @@ def check_config_text(text: str, env_available: set[str]) -> vconfig.Config:
     assert not missing, f"config needs env {missing} that the deployment does not set"
     env = {v: f"dummy-{v.lower()}" for v in used if v in env_available}
     cfg = vconfig.parse_config(yaml.safe_load(text), env)
-    default_workers(cfg)  # builds every model: backend names and options validated, nothing loaded
+    check_models(cfg)  # builds every model: backend names and options validated, nothing loaded
     return cfg
 
 
@@ -794,7 +794,7 @@ def test_opt_in_hosted_models_are_not_required(label):
     assert hosted == ["openai-small"]
     assert cfg.models["openai-small"].required is False
     assert "OPENAI_API_KEY" in cfg.unavailable["openai-small"]
-    default_workers(cfg)  # the rest still builds
+    check_models(cfg)  # the rest still builds
 
 
 def test_k8s_hpa_owns_the_replica_count():

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from vecshim.config import load_config
-from vecshim.server import default_workers
+from vecshim.server import check_models
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "config").glob("*.yaml"))
 
@@ -23,4 +23,4 @@ def test_example_config_validates(path, monkeypatch):
         monkeypatch.setenv(name, "https://example.invalid" if "ENDPOINT" in name else "dummy-value")
     cfg = load_config(path)
     assert cfg.default_model in cfg.models
-    default_workers(cfg, path.parent)  # resolves plugins and validates every backend's options
+    check_models(cfg, path.parent)  # resolves plugins and validates every backend's options

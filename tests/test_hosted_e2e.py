@@ -383,8 +383,8 @@ def test_meta_never_shows_keys(serve, fake, cohere_fake, tmp_path):
 
 def test_mismatched_fallback_is_skipped_before_the_loader_drops_it(serve, fake, monkeypatch):
     # The window between "all models ready" and the loader's fallback check.
-    from vecshim.app import State
-    monkeypatch.setattr(State, "_check_fallbacks", lambda self: None)
+    from vecshim.loader import ModelSet
+    monkeypatch.setattr(ModelSet, "check_fallbacks", lambda self: None)
     with FakeOpenAI(dim=16, api_key=KEY) as other:
         retry = {"max_attempts": 2, "budget_s": 0.5, "base_delay_s": 0.01, "max_delay_s": 0.05}
         primary = openai_model(fake, retry=retry)
@@ -402,5 +402,5 @@ def test_every_mismatched_fallback_is_dropped(serve, fake):
         primary = openai_model(fake)
         primary["fallbacks"] = ["one", "two"]
         s = serve(config(primary=primary, one=openai_model(one), two=openai_model(two)))
-        s.state._loader.join(5)
+        s.state.loader._loader.join(5)
         assert s.state.models["primary"].fallbacks == []

@@ -1,7 +1,6 @@
 """create_app(): config -> plugin manager -> models -> blueprints. The only wiring place."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -14,12 +13,12 @@ from typing import Iterable
 from flask import Flask, g, has_request_context, request
 from werkzeug.exceptions import HTTPException
 
-from . import __version__
 from .cache import build_cache
 from .config import Config, load_config, parse_config
-from .errors import ConfigError, UnknownModelError, VecshimError
-from .model import Model, UnavailableBackend, build_backend
-from .space import differences, require_identity
+from .errors import UnknownModelError, VecshimError
+from .loader import ModelSet, build_models
+from .meta import MetaPages
+from .model import Model
 from .plugins import collect_backends, get_plugin_manager, plugin_infos
 from .ranking import build_rankers
 from .api import compat, openai, ops, rerank, weaviate
@@ -36,10 +35,15 @@ _PROBES = ("/.well-known/live", "/.well-known/ready")
 
 
 class State:
-    """Everything a request needs, stored in `app.extensions["vecshim"]`."""
+    """What a request needs, stored in `app.extensions["vecshim"]`: config, models, /meta pages.
+
+    Loading lives in `ModelSet` (vecshim/loader.py), /meta rendering in
+    `MetaPages` (vecshim/meta.py); with an engine (vecshim/engine/) the models
+    are worker-side proxies whose facts come from the engine.
+    """
 
     def __init__(self, config: Config, pm, registry, models: dict[str, Model], cache, stats=None,
-                 rerankers: dict | None = None):
+                 rerankers: dict | None = None, engine_info=None):
         self.config = config
         self.pm = pm
         self.registry = registry
@@ -49,18 +53,14 @@ class State:
         self.cache = cache
         self.stats = stats
         self.draining = False
+        self.link = None  # the EngineLink when the models run in the engine
         #: HTTP requests being handled right now (for the drain summary on SIGTERM).
         self.in_flight = 0
         self._in_flight_lock = threading.Lock()
         self.plugins = plugin_infos(pm)
-        for m in models.values():
-            m.on_ready = m.on_change = self.render_meta
-        for r in self.rerankers.values():
-            r.on_ready = self.render_meta
-        self._meta: dict[str | None, bytes] = {}
-        self._loader: threading.Thread | None = None
-        self._stop = threading.Event()
-        self.render_meta()
+        self.meta = MetaPages(models, config.default_model, self.plugins, engine_info,
+                              rerankers=self.rerankers, default_reranker=config.default_reranker)
+        self.loader = ModelSet(models, on_change=self.render_meta, rerankers=self.rerankers)
 
     @property
     def default_model(self) -> str:
@@ -121,83 +121,21 @@ class State:
                 self.stats.set_model_state(name, m.state)
                 if m.resilience is not None:
                     self.stats.track_circuit(name, lambda m=m: m.resilience.state)
-        infos = {name: m.info() for name, m in self.models.items()}
-        root = {
-            "vecshim_version": __version__,
-            "default_model": self.config.default_model,
-            "model": infos[self.config.default_model],
-            "models": infos,
-            "default_reranker": self.config.default_reranker,
-            "rerankers": {name: r.info() for name, r in self.rerankers.items()},
-            "plugins": self.plugins,
-        }
-        meta = {None: json.dumps(root, separators=(",", ":"), default=str).encode()}
-        for name, info in infos.items():
-            meta[name] = json.dumps({"vecshim_version": __version__, "model": info},
-                                    separators=(",", ":"), default=str).encode()
-        for name, info in root["rerankers"].items():
-            meta[name] = json.dumps({"vecshim_version": __version__, "reranker": info},
-                                    separators=(",", ":"), default=str).encode()
-        self._meta = meta
+        self.meta.render()
 
     def meta_bytes(self, name: str | None) -> bytes:
         """The /meta body for the server or one model."""
         if name is not None:
             self.check_name(name)
-        return self._meta[name]
+        return self.meta.get(name)
 
-    def start_loading(self) -> threading.Thread:
-        """Load every model in a background thread, retrying failures with backoff."""
-        self._loader = threading.Thread(target=self._load_all, name="vecshim-loader", daemon=True)
-        self._loader.start()
-        return self._loader
+    def start_loading(self):
+        """Load every model in a background thread (see ModelSet)."""
+        return self.loader.start_loading()
 
     def wait_ready(self, timeout: float) -> bool:
         """Block until all models are ready (tests and the CLI)."""
-        deadline = time.monotonic() + timeout
-        for m in [*self.models.values(), *self.rerankers.values()]:
-            if m.cfg.required and not m._ready.wait(max(0.0, deadline - time.monotonic())):
-                return False
-        return True
-
-    def _load_all(self) -> None:
-        # Rerankers may embed through the models: load them last.
-        pending = [m for m in [*self.models.values(), *self.rerankers.values()] if m.state != "unavailable"]
-        delay = 1.0
-        while pending and not self._stop.is_set():
-            failed = []
-            for m in pending:
-                try:
-                    m.load()
-                except Exception as err:  # keep serving /meta and readiness; retry below
-                    m.state, m.error = "failed", _describe(err)
-                    try:  # the next attempt builds fresh clients; free these
-                        m.backend.close()
-                    except Exception:
-                        log.debug("closing model %r after a failed load also failed", m.name, exc_info=True)
-                    log.error("model %r failed to load: %s (retrying in %.0f s)", m.name, m.error, delay,
-                              extra={"model": m.name})
-                    failed.append(m)
-                self.render_meta()
-            pending = failed
-            if pending:
-                self._stop.wait(delay)
-                delay = min(delay * 2, 30.0)
-        self._check_fallbacks()
-
-    def _check_fallbacks(self) -> None:
-        changed = False
-        for m in self.models.values():
-            for fb in list(m.fallbacks):  # a copy: mismatches are removed as we go
-                if fb.ready and m.ready and fb.fingerprint != m.fingerprint:
-                    diff = differences(m.fingerprint_parts(), fb.fingerprint_parts()) or ["fingerprint"]
-                    reason = f"different vector space: {'; '.join(diff)}"
-                    m.fallbacks.remove(fb)
-                    m.dropped_fallbacks.append({"name": fb.name, "reason": reason})
-                    changed = True
-                    log.error("model %r: fallback %r dropped: %s", m.name, fb.name, reason)
-        if changed:
-            self.render_meta()
+        return self.loader.wait_ready(timeout)
 
     def queued(self) -> int:
         """Texts queued or being embedded, over every model."""
@@ -206,58 +144,11 @@ class State:
     def close(self, timeout: float = 30.0) -> None:
         """Stop loading, drain every model's queue, close the cache."""
         self.draining = True
-        self._stop.set()
-        deadline = time.monotonic() + timeout
-        for m in [*self.rerankers.values(), *self.models.values()]:
-            m.close(max(0.0, deadline - time.monotonic()))
+        self.loader.close(timeout)
+        if self.link is not None:
+            self.link.close()
         if self.cache is not None:
             self.cache.close()
-
-
-def _describe(err: Exception) -> str:
-    msg = err.message if isinstance(err, VecshimError) else str(err)
-    return f"{type(err).__name__}: {msg}" if msg else type(err).__name__
-
-
-def build_models(config: Config, registry, cache, stats=None) -> dict[str, Model]:
-    """Validate every model's backend options and build the Model objects (no loading)."""
-    from .budget import Fleet
-    from .metrics import multiprocess_dir
-
-    # gunicorn workers of one replica share `vecshim serve`'s metrics folder: their budget lives there.
-    fleet = Fleet(config.budget, redis_url=config.budget.redis_url or config.cache.redis_url,
-                  local_dir=multiprocess_dir(), stats=stats)
-    models = {}
-    for name, mcfg in config.models.items():
-        reason = config.unavailable.get(name)
-        try:
-            try:
-                cls = registry.get(mcfg.backend)
-            except ConfigError as err:
-                raise ConfigError(f"models.{name}.backend: {err.message}") from None
-            backend = build_backend(name, mcfg, cls)
-            require_identity(name, backend)
-        except ConfigError as err:
-            if mcfg.required:
-                raise
-            reason, backend = reason or err.message, UnavailableBackend(mcfg.backend)
-        models[name] = Model(name, mcfg, backend, cache=cache, stats=stats, fleet=fleet,
-                             origin=getattr(registry, "origins", {}).get(mcfg.backend))
-        if reason:  # optional and cannot start: served as 503, never loaded
-            models[name].state, models[name].error = "unavailable", reason
-            log.warning("model %r (required: false) is unavailable: %s", name, reason)
-    for name, m in models.items():
-        # an unavailable optional model can't be anyone's fallback (nor be compared with one)
-        m.fallbacks = [models[f] for f in config.models[name].fallbacks if models[f].state != "unavailable"]
-        m.dropped_fallbacks = [{"name": f, "reason": f"unavailable: {models[f].error}"}
-                               for f in config.models[name].fallbacks if models[f].state == "unavailable"]
-        for fb in m.fallbacks:
-            # Only what config alone decides; the rest is compared once both are loaded.
-            diff = differences(m.fingerprint_parts(), fb.fingerprint_parts(), known_only=True)
-            if diff:
-                raise ConfigError(f"models.{name}.fallbacks: fallback {fb.name}: {'; '.join(diff)} "
-                                  f"(a fallback must embed into the same vector space)")
-    return models
 
 
 class _PathFix:
@@ -342,8 +233,13 @@ def _register_request_hooks(app: Flask, state: State) -> None:
 
 
 def create_app(config: Config | dict | str | os.PathLike | None = None, *, plugins: Iterable[object] = (),
-               load_entrypoints: bool | None = None, load: bool = True, stats=None) -> Flask:
-    """Build the Flask app; models load in a background thread (ready turns 204 after)."""
+               load_entrypoints: bool | None = None, load: bool = True, stats=None,
+               engine_socket: str | None = None) -> Flask:
+    """Build the Flask app; models load in a background thread (ready turns 204 after).
+
+    With `engine_socket`, the models run in the replica's engine process
+    (vecshim/engine/) and this app holds worker-side proxies of them.
+    """
     base_dir = Path.cwd()
     if isinstance(config, Config):
         cfg = config
@@ -364,7 +260,14 @@ def create_app(config: Config | dict | str | os.PathLike | None = None, *, plugi
                     "Authorization header, so /vectors needs a proxy that adds one (see docs/operations.md)")
     stats = stats if stats is not None else Stats()
     cache = build_cache(cfg.cache, on_redis_error=stats.redis_error, on_reject=stats.cache_reject)
-    models = build_models(cfg, registry, cache, stats)
+    link = None
+    if engine_socket:
+        from .engine.proxy import EngineLink, RemoteModel
+        models = build_models(cfg, registry, cache, stats, model_cls=RemoteModel)
+    else:
+        models = build_models(cfg, registry, cache, stats)
+    # Rerankers stay in the HTTP workers (one copy per worker); those that embed through a
+    # model reach it like any request does (through the engine when there is one).
     rankers = build_rankers(cfg, registry, models, stats)
 
     app = Flask("vecshim")
@@ -372,7 +275,19 @@ def create_app(config: Config | dict | str | os.PathLike | None = None, *, plugi
     app.url_map.strict_slashes = False
     app.url_map.merge_slashes = False
     app.wsgi_app = _PathFix(app.wsgi_app)
-    state = State(cfg, pm, registry, models, cache, stats, rerankers=rankers)
+    if engine_socket:
+        def on_facts(facts):
+            for name, m in models.items():
+                m.apply(facts["models"].get(name) if facts else None,
+                        facts.get("poolings", {}).get(name) if facts else None)
+            state.render_meta()
+        link = EngineLink(engine_socket, on_facts)
+        for m in models.values():
+            m.link = link
+        state = State(cfg, pm, registry, models, cache, stats, rerankers=rankers, engine_info=link.info)
+    else:
+        state = State(cfg, pm, registry, models, cache, stats, rerankers=rankers,
+                      engine_info=lambda: {"mode": "in-process", "pid": os.getpid()})
     app.extensions["vecshim"] = state
     _register_errors(app)
     _register_request_hooks(app, state)
@@ -383,6 +298,8 @@ def create_app(config: Config | dict | str | os.PathLike | None = None, *, plugi
     app.register_blueprint(rerank.cohere_bp)
     app.register_blueprint(ops.bp)
     app.register_blueprint(metrics_api.bp)
-    if load:
+    if link is not None:
+        state.link = link.start()
+    if load:  # with an engine: the rerankers (the proxies' load() is a no-op)
         state.start_loading()
     return app

@@ -108,6 +108,13 @@ class Backend(ABC):
     def __init__(self, options: BaseModel):
         self.options = options
 
+    def plan_threads(self, callers: int) -> None:
+        """Called before `load()`: `callers` batch threads will call `embed()` at once.
+
+        A backend with its own thread pool (a local model) sizes it from this;
+        the default ignores it.
+        """
+
     def load(self) -> None:
         """Do heavy start-up work (import SDKs, load weights, open clients)."""
 

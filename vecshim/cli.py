@@ -39,7 +39,7 @@ def cmd_serve(args) -> int:
     from .check import check_config
     from .logs import gunicorn_logconfig
     from .server import (DEFAULTS, VecshimServer, default_workers, prepare_metrics_dir,
-                         read_gunicorn_config, remove_metrics_dir)
+                         read_gunicorn_config, remove_metrics_dir, use_engine)
 
     # A configuration error (a missing key, a typo) exits 2 here, before any worker
     # retries it forever; only transient failures (an upstream down) retry after start.
@@ -49,7 +49,7 @@ def cmd_serve(args) -> int:
     try:
         cfg = _config(args.config)
         # Precedence: flags, then $VECSHIM_BIND, then the gunicorn config file, then vecshim's defaults.
-        settings = dict(DEFAULTS, workers=default_workers(cfg, _base_dir(args.config)))
+        settings = dict(DEFAULTS, workers=default_workers(cfg))
         if args.gunicorn_config:
             settings.update(read_gunicorn_config(args.gunicorn_config))
         if args.bind or os.environ.get("VECSHIM_BIND"):
@@ -62,7 +62,7 @@ def cmd_serve(args) -> int:
             # The master's own lines (booting, worker exits) in the workers' format, on one stream.
             settings["logconfig_dict"] = gunicorn_logconfig(cfg.logging, cfg.secrets(), settings.get("errorlog"))
         path = os.path.abspath(args.config) if args.config else os.environ.get("VECSHIM_CONFIG")
-        VecshimServer(path, settings).run()
+        VecshimServer(path, settings, engine=use_engine(args.engine, settings["workers"])).run()
     finally:
         remove_metrics_dir(metrics_dir)
     return 0
@@ -244,7 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
              "vecshim serve --config vecshim.yaml --bind 0.0.0.0:8080")
     s.add_argument("--config", "-c", help="YAML config (default: $VECSHIM_CONFIG or the bundled model)")
     s.add_argument("--bind", "-b", help="HOST:PORT (default: $VECSHIM_BIND or 0.0.0.0:8080)")
-    s.add_argument("--workers", "-w", type=int, help="gunicorn workers (default: 1 for local models, else 2)")
+    s.add_argument("--workers", "-w", type=int, help="HTTP workers (default 4; see docs/operations.md)")
+    s.add_argument("--engine", choices=("auto", "on", "off"), default=os.environ.get("VECSHIM_ENGINE", "auto"),
+                   help="run the models once in an engine process shared by all workers "
+                        "(auto: when there is more than one worker; default $VECSHIM_ENGINE or auto)")
     s.add_argument("--threads", type=int, help="threads per worker (default 64)")
     s.add_argument("--gunicorn-config", help="gunicorn config file (python); overrides vecshim's defaults")
     s.set_defaults(func=cmd_serve)

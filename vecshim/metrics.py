@@ -36,6 +36,9 @@ class Stats:
                                  buckets=LATENCY_BUCKETS, registry=r)
         self.batch_size = Histogram("vecshim_batch_size", "Texts per gathered batch", ["model"],
                                     buckets=BATCH_BUCKETS, registry=r)
+        self.batch_workers = Histogram("vecshim_batch_workers", "HTTP worker processes whose texts shared a "
+                                       "batch (engine only)", ["model"], buckets=(1, 2, 3, 4, 6, 8, 16, 32),
+                                       registry=r)
         self.queue_wait = Histogram("vecshim_queue_wait_seconds", "Wait of the oldest text in a batch", ["model"],
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.batch_seconds = Histogram("vecshim_batch_seconds", "Backend time per gathered batch", ["model"],

@@ -23,7 +23,7 @@ __all__ = ["Model", "build_backend", "UnavailableBackend"]
 
 log = logging.getLogger("vecshim.model")
 #: Default per-request token limits (docs/operations.md "Connections" has the measurements).
-LOCAL_REQUEST_TOKENS = 65_536
+LOCAL_REQUEST_TOKENS = 16_384
 HOSTED_REQUEST_TOKENS = 1_048_576
 #: A prefix of (limit + 1) x this many characters holds more than `limit` tokens in
 #: most text (about 4-5 characters per token), so probing it refuses early.
@@ -178,7 +178,7 @@ class Model:
         """Load the backend, start the batcher and learn (or check) the dimension."""
         start = time.monotonic()
         workers = self.cfg.batch.workers or self.backend.concurrency or 1
-        self.backend.concurrency = workers  # a local backend sizes its threads per worker
+        self.backend.plan_threads(workers)  # a local backend sizes its threads per caller
         self.backend.load()
         self._read_capabilities()
         space.require_identity(self.name, self.backend)

@@ -1,4 +1,10 @@
-"""gunicorn with vecshim's defaults; models load in each worker after fork."""
+"""gunicorn with vecshim's defaults: HTTP workers plus, usually, one engine process with the models.
+
+With an engine (vecshim/engine/), the master starts it before the first
+worker, restarts it if it dies, swaps it on HUP and stops it after the
+workers drained; workers reach it over a Unix socket. Without one
+(`--engine off`, or `auto` with one worker), each worker loads the models.
+"""
 from __future__ import annotations
 
 import json
@@ -16,9 +22,13 @@ from gunicorn.app.base import BaseApplication
 
 from .errors import ConfigError
 
-__all__ = ["DEFAULTS", "VecshimServer", "default_workers", "read_gunicorn_config", "logconfig_for"]
+__all__ = ["DEFAULTS", "DEFAULT_WORKERS", "VecshimServer", "check_models", "default_workers", "use_engine",
+           "read_gunicorn_config", "logconfig_for"]
 
 log = logging.getLogger("vecshim.server")
+
+#: HTTP workers of `vecshim serve` (bench/RESULTS.md "Issue 18").
+DEFAULT_WORKERS = 4
 
 #: Settings `vecshim serve` passes to gunicorn (see docs/operations.md).
 DEFAULTS = {
@@ -45,24 +55,36 @@ DEFAULTS = {
 }
 
 
-def default_workers(config, base_dir: Path | None = None) -> int:
-    """One worker when a model runs in-process (torch already uses every core), else 2.
+def check_models(config, base_dir: Path | None = None):
+    """Validate every model's backend and options without loading anything; return the backend registry.
 
     `base_dir` is the config file's folder, against which relative plugin dirs resolve.
     """
-    from .app import build_models
+    from .loader import build_models
     from .plugins import collect_backends, get_plugin_manager
 
     pm = get_plugin_manager(dirs=config.plugins.dirs, disable=config.plugins.disable,
                             load_entrypoints=config.plugins.entrypoints, base_dir=base_dir)
     registry = collect_backends(pm)
-    models = build_models(config, registry, cache=None)  # validates options before forking
     from .ranking import build_rankers
 
-    rankers = build_rankers(config, registry, models)
-    if any(m.backend.in_process for m in [*models.values(), *rankers.values()]):
-        return 1
-    return 2
+    models = build_models(config, registry, cache=None)  # validates options before forking
+    build_rankers(config, registry, models)
+    return registry
+
+
+def default_workers(config) -> int:
+    """HTTP workers when not set: see docs/operations.md "Process model" for the measurements.
+
+    With an engine (the default) the models load once whatever the count, so
+    workers only parse, check the cache and render: two per core.
+    """
+    return DEFAULT_WORKERS
+
+
+def use_engine(mode: str, workers: int) -> bool:
+    """`--engine auto` runs an engine process whenever there is more than one HTTP worker."""
+    return mode == "on" or (mode == "auto" and workers > 1)
 
 
 def logconfig_for(config_path: str | None, errorlog: str = "-") -> dict:
@@ -158,24 +180,63 @@ def prepare_metrics_dir() -> str | None:
         return None
     path = tempfile.mkdtemp(prefix="vecshim-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    _metrics_owner[path] = os.getpid()
     return path
 
 
+_metrics_owner: dict[str, int] = {}
+
+
 def remove_metrics_dir(path: str | None) -> None:
-    """Remove a metrics folder made by prepare_metrics_dir."""
-    if path:
+    """Remove a metrics folder made by prepare_metrics_dir, in the process that made it only.
+
+    A gunicorn worker leaves through SystemExit, which unwinds the master's
+    stack it was forked from: without the check, a worker retiring on HUP
+    would delete the folder the other processes still write to.
+    """
+    if path and _metrics_owner.get(path) == os.getpid():
         shutil.rmtree(path, ignore_errors=True)
 
 
-HOOKS = {"post_fork": post_fork, "post_worker_init": post_worker_init, "worker_exit": worker_exit, "child_exit": child_exit}
+def _engine(server):
+    return getattr(server.app, "engine", None)
+
+
+def on_starting(server):
+    """Start the engine before the first worker forks."""
+    engine = _engine(server)
+    if engine is not None:
+        engine.start(server)
+
+
+def on_reload(server):
+    """HUP: a new engine, ready, before gunicorn forks the new workers; the old one retires with its workers."""
+    engine = _engine(server)
+    if engine is not None:
+        engine.reload(server)
+
+
+def on_exit(server):
+    """After every worker drained: drain and stop the engine."""
+    engine = _engine(server)
+    if engine is not None:
+        engine.stop(timeout=server.cfg.graceful_timeout)
+
+
+HOOKS = {"post_fork": post_fork, "post_worker_init": post_worker_init, "worker_exit": worker_exit,
+         "child_exit": child_exit, "on_starting": on_starting, "on_reload": on_reload, "on_exit": on_exit}
 
 
 class VecshimServer(BaseApplication):
     """gunicorn application serving `create_app(config_path)` in each worker."""
 
-    def __init__(self, config_path: str | None, settings: dict):
+    def __init__(self, config_path: str | None, settings: dict, engine: bool = False):
         self.config_path = config_path
         self.settings = settings
+        self.engine = None
+        if engine:
+            from .engine.supervisor import EngineSupervisor
+            self.engine = EngineSupervisor(config_path)
         super().__init__()
 
     def load_config(self):
@@ -188,4 +249,6 @@ class VecshimServer(BaseApplication):
             os.environ["VECSHIM_CONFIG"] = self.config_path
         from .app import create_app
 
+        if self.engine is not None:  # a worker: the engine the master runs now
+            return create_app(self.config_path, engine_socket=self.engine.socket_path)
         return create_app(self.config_path)

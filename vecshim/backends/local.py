@@ -96,6 +96,9 @@ class SentenceTransformersOptions(BackendOptions):
     #: Inference runtime: torch, ONNX Runtime fp32, or ONNX Runtime int8 (a different
     #: vector space). auto: BUNDLED_AUTO_RUNTIME for the bundled model if installed, else torch.
     runtime: Literal["auto", "torch", "onnx", "onnx-int8"] = "auto"
+    #: ONNX: a second session using every core for a text that arrives alone (lower
+    #: single-request latency; one more copy of the weights in memory).
+    solo_session: bool = True
     #: Folder for exported ONNX models (None: $VECSHIM_ONNX_CACHE, else $XDG_CACHE_HOME/vecshim/onnx).
     onnx_cache_dir: str | None = None
 
@@ -128,8 +131,13 @@ class SentenceTransformersBackend(TokenizerTextMixin, Backend):
         self._tok_lock = threading.Lock()
         self._prompts: dict[str, str] = {"query": "", "passage": ""}
         self._light = None  # the torch-free ONNX pipeline, when a cached export allows it
+        self._callers: int | None = None
         self._max_seq_length: int | None = None
         self._alt_pooling: dict[str, Any] = {}
+
+    def plan_threads(self, callers: int) -> None:
+        """Split the cores between the batch threads that call embed() at once."""
+        self._callers = callers
 
     def _resolve_runtime(self, options: SentenceTransformersOptions) -> str:
         """The configured runtime, `auto` resolved; a missing extra is a config error."""
@@ -154,7 +162,7 @@ class SentenceTransformersBackend(TokenizerTextMixin, Backend):
     def load(self) -> None:
         """Load weights (offline for the bundled model), set threads, load the ONNX encoder if asked."""
         opts = self.options
-        threads = opts.threads or max(1, available_cpus() // (self.concurrency or 1))
+        threads = opts.threads or max(1, available_cpus() // (self._callers or self.concurrency or 1))
         if self.runtime != "torch" and self._load_light(threads):
             return
         try:
@@ -221,7 +229,8 @@ class SentenceTransformersBackend(TokenizerTextMixin, Backend):
         folder = self._cache_dir() / key
         if not all((folder / f).exists() for f in (MANIFEST, "check.json", "model.onnx", "tokenizer.json")):
             return False
-        light = LightModel(folder, threads, self.options.max_seq_length)
+        solo = available_cpus() if self.options.threads is None and self.options.solo_session else None
+        light = LightModel(folder, threads, self.options.max_seq_length, solo_threads=solo)
         self._set_prompts(light.prompts)
         self.max_input_tokens = light.max_input_tokens
         self.normalized = light.normalize

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -92,11 +93,24 @@ def write_manifest(st_model, folder: Path) -> bool:
     return True
 
 
+def _session(path: Path, threads: int, spin: bool = True):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
 class LightModel:
     """The sentence-transformers pipeline rebuilt from a manifest, without torch."""
 
-    def __init__(self, folder: Path, threads: int, max_seq_length: int | None = None):
-        import onnxruntime as ort
+    def __init__(self, folder: Path, threads: int, max_seq_length: int | None = None,
+                 solo_threads: int | None = None):
         from tokenizers import Tokenizer
 
         m = json.loads((folder / MANIFEST).read_text())
@@ -111,13 +125,20 @@ class LightModel:
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.tokenizer.enable_truncation(self.max_seq_length)
         self.tokenizer.enable_padding(pad_id=m["pad_id"], pad_token=m["pad_token"])
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(folder / "model.onnx"), so, providers=["CPUExecutionProvider"])
+        self.session = _session(folder / "model.onnx", threads)
+        # A text that arrives alone gets every core: a second session with more intra-op
+        # threads (not spinning, so it does not steal from a batch that starts meanwhile).
+        # It costs one more copy of the weights, once per engine (bench/RESULTS.md "Issue 18").
+        # Built by the first lone text (the warm-up), in that thread: built in another thread,
+        # ONNX Runtime aborts the process at interpreter exit.
+        self.solo = None
+        self._solo_plan = (folder / "model.onnx", solo_threads) if solo_threads and solo_threads > threads else None
+        self._running = 0
+        self._lock = threading.Lock()
         self.inputs = [i.name for i in self.session.get_inputs()]
+
+    def _load_solo(self, path: Path, threads: int) -> None:
+        self.solo = _session(path, threads, spin=False)
 
     @property
     def max_input_tokens(self) -> int:
@@ -139,7 +160,18 @@ class LightModel:
             "attention_mask": np.asarray([e.attention_mask for e in enc], dtype=np.int64),
             "token_type_ids": np.asarray([e.type_ids for e in enc], dtype=np.int64),
         }
-        hidden = self.session.run(None, {k: feeds[k] for k in self.inputs})[0].astype(np.float32)
+        with self._lock:
+            self._running += 1
+            alone = self._running == 1
+        if alone and len(texts) == 1 and self._solo_plan is not None:
+            plan, self._solo_plan = self._solo_plan, None
+            self._load_solo(*plan)
+        try:
+            session = self.solo if self.solo is not None and alone and len(texts) == 1 else self.session
+            hidden = session.run(None, {k: feeds[k] for k in self.inputs})[0].astype(np.float32)
+        finally:
+            with self._lock:
+                self._running -= 1
         if (pooling or self.manifest["pooling"]) == "cls":
             out = hidden[:, 0]
         else:

@@ -1,0 +1,192 @@
+"""Issue 18 benchmark: one engine per replica vs models in each worker, against raw ONNX in the same run.
+
+In one run, on one machine, with the bundled all-MiniLM-L6-v2 on ONNX Runtime:
+
+1. raw, through the backend's own ``embed`` (what the batcher calls), no HTTP:
+   length-sorted chunks of 8, 16 and 32 texts with the served layout
+   (``cpus`` encoder threads of one intra-op thread each), the best of which is
+   the target's reference; and batch-1 latency with one encoder of ``cpus``
+   intra-op threads ("all cores"), p50 over single texts;
+2. per server layout (``--workers W --engine on|off``), real ``vecshim serve``:
+   32 clients, unique texts, cache off; 1 client p50, cache off; 32 clients on
+   a repeating pool with the default config (memory cache on, so hits); and the
+   RSS and PSS of the whole process tree (master, workers, engine).
+
+The 32-client loads run as several ``loadgen.py`` processes (``--client-procs``)
+whose rates are summed, so one Python client's GIL does not cap the rate.
+
+Run it alone: ``flock /tmp/vecshim-bench.lock .venv/bin/python bench/engine.py --json-out FILE``.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from benchlib import machine_info, percentile
+from corpus import get_corpus
+from raw_limit import _throughput
+from run_all import REPO, free_port, run_json, start_server, stop_server, wait_ready
+
+LAYOUTS = ("1:off", "1:on", "2:on", "4:on")
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def _backend(concurrency: int, threads: int):
+    from vecshim.backends.local import SentenceTransformersBackend as B
+
+    backend = B(B.Options(runtime="onnx", threads=threads))
+    backend.concurrency = concurrency
+    backend.load()
+    return backend
+
+
+def raw(texts: list[str], cpus: int) -> dict:
+    """Throughput of the served layout at several chunk sizes, and all-cores batch-1 latency."""
+    out: dict = {}
+    backend = _backend(cpus, 1)
+    order = sorted(texts, key=lambda t: backend.count_tokens([t])[0])
+    for size in (8, 16, 32):
+        chunks = [order[i:i + size] for i in range(0, len(order), size)]
+        backend.embed(chunks[0], "passage")
+
+        def run() -> None:
+            it, lock = iter(chunks), threading.Lock()
+
+            def worker() -> None:
+                while True:
+                    with lock:
+                        chunk = next(it, None)
+                    if chunk is None:
+                        return
+                    backend.embed(chunk, "passage")
+
+            pool = [threading.Thread(target=worker) for _ in range(cpus)]
+            for t in pool:
+                t.start()
+            for t in pool:
+                t.join()
+
+        out[f"batch_{size}"] = _throughput(run, len(texts), repeat=2)
+    out["best_texts_per_s"] = max(v["texts_per_s"] for k, v in out.items() if k.startswith("batch_"))
+    del backend
+    lone = _backend(1, cpus)
+    for t in texts[:20]:
+        lone.embed([t], "passage")
+    lat = []
+    for t in texts[:300]:
+        start = time.perf_counter()
+        lone.embed([t], "passage")
+        lat.append((time.perf_counter() - start) * 1000)
+    lat.sort()
+    out["batch1_all_cores_p50_ms"] = round(percentile(lat, 50), 3)
+    out["batch1_all_cores_p95_ms"] = round(percentile(lat, 95), 3)
+    return out
+
+
+def tree_memory(pid: int) -> dict:
+    """RSS and PSS (MiB) summed over `pid` and its descendants, and the process count."""
+    procs, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        procs.append(p)
+        try:
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            pass
+    rss = pss = 0
+    for p in procs:
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+        except OSError:
+            pass
+    return {"processes": len(procs), "rss_mib": round(rss / 1024, 1), "pss_mib": round(pss / 1024, 1)}
+
+
+def load(url: str, clients: int, procs: int, duration: float, corpus: str, seed: int) -> dict:
+    """`clients` spread over `procs` loadgen processes; rates summed, latencies of the first reported."""
+    procs = max(1, min(procs, clients))
+    per = [clients // procs + (i < clients % procs) for i in range(procs)]
+    args = ["--url", url, "--duration", str(duration), "--corpus", corpus]
+    with concurrent.futures.ThreadPoolExecutor(procs) as ex:
+        futs = [ex.submit(run_json, "loadgen.py", *args, "--concurrency", str(n), "--seed", str(seed + i),
+                          timeout=duration * 4 + 120) for i, n in enumerate(per)]
+        reports = [f.result() for f in futs]
+    return {"clients": clients, "client_procs": procs,
+            "texts_per_s": round(sum(r["texts_per_s"] for r in reports), 1),
+            "errors": sum(r["errors"] for r in reports),
+            "p50_ms": reports[0]["p50_ms"], "p95_ms": reports[0]["p95_ms"],
+            "client_cpu_s": round(sum(r["client_cpu_s"] for r in reports), 2)}
+
+
+def served(layout: str, folder: Path, duration: float, procs: int, seed: int) -> dict:
+    workers, engine = layout.split(":")
+    out: dict = {"workers": int(workers), "engine": engine}
+    off = folder / "cache-off.json"
+    off.write_text(json.dumps({"models": {"minilm": {"backend": "sentence-transformers"}},
+                               "cache": {"enabled": False}}))
+    for phase, config in (("cache_off", f"--config {off}"), ("default", "")):
+        port = free_port()
+        cmd = (f"{REPO}/.venv/bin/vecshim serve --bind 127.0.0.1:{port} --workers {workers} "
+               f"--engine {engine} {config}")
+        proc = start_server(cmd, folder / f"{workers}-{engine}-{phase}.log")
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url, proc, 180)
+            time.sleep(1.0)
+            out[f"{phase}_loadavg_before"] = loadavg()
+            if phase == "cache_off":
+                out["c32_miss"] = load(url, 32, procs, duration, "unique", seed)
+                out["c1_miss"] = load(url, 1, 1, duration, "unique", seed + 100)
+                out["memory_after_misses"] = tree_memory(proc.pid)
+            else:
+                load(url, 32, procs, 3, "repeat", seed + 200)  # fill the cache (every worker's)
+                out["c32_hit"] = load(url, 32, procs, duration, "repeat", seed + 200)
+                out["memory_default"] = tree_memory(proc.pid)
+            out[f"{phase}_loadavg_after"] = loadavg()
+        finally:
+            stop_server(proc)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--layouts", default=",".join(LAYOUTS), help="WORKERS:ENGINE,... (engine on|off)")
+    p.add_argument("--client-procs", type=int, default=4)
+    p.add_argument("--n", type=int, default=1000, help="raw corpus size")
+    p.add_argument("--skip-raw", action="store_true")
+    p.add_argument("--json-out", default=None)
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cpus = len(os.sched_getaffinity(0))
+    report: dict = {"machine": machine_info(), "loadavg_start": loadavg(), "cpus": cpus, "layouts": {}}
+    if not args.skip_raw:
+        report["raw"] = raw(get_corpus(args.n, seed=7), cpus)
+        print(json.dumps({"raw": report["raw"]}), file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix="vecshim-bench-engine-") as tmp:
+        for i, layout in enumerate(args.layouts.split(",")):
+            report["layouts"][layout] = served(layout, Path(tmp), args.duration, args.client_procs, 1000 * (i + 1))
+            print(json.dumps({layout: report["layouts"][layout]}), file=sys.stderr, flush=True)
+    report["loadavg_end"] = loadavg()
+    text = json.dumps(report, indent=1)
+    if args.json_out:
+        Path(args.json_out).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

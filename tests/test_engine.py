@@ -1,0 +1,239 @@
+"""One engine per replica (real `vecshim serve`): one model copy, shared batches, crash, drain, reload."""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from goclient import GoClient
+from test_production import fake_model, metric, start, stop
+
+pytestmark = pytest.mark.slow
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of `pid`, from /proc."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def maps_onnxruntime(pid: int) -> bool:
+    """Whether ONNX Runtime's library is loaded in `pid` (the model runs there)."""
+    try:
+        return "onnxruntime" in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return False
+
+
+def meta(port: int) -> dict:
+    c = GoClient("127.0.0.1", port)
+    try:
+        reply = c.request("GET", "/meta")
+        assert reply.status == 200
+        return reply.json()
+    finally:
+        c.close()
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = Path(f"/proc/{pid}/stat").read_text() if Path(f"/proc/{pid}/stat").exists() else ""
+    return " Z " not in stat  # a zombie has exited
+
+
+def wait_for(pred, timeout: float, step: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(step)
+    return pred()
+
+
+def test_one_model_copy_whatever_the_workers(tmp_path):
+    """Three HTTP workers, the bundled ONNX model: only the engine process has ONNX Runtime loaded."""
+    proc = start(tmp_path, {"models": {"minilm": {"backend": "sentence-transformers"}}}, "--workers", "3")
+    try:
+        info = meta(proc.port)
+        engine = info["engine"]["pid"]
+        assert info["engine"]["mode"] == "engine" and info["engine"]["up"] is True
+        kids = children(proc.pid)
+        assert engine in kids and len(kids) == 4  # the engine and three workers
+        assert [pid for pid in kids if maps_onnxruntime(pid)] == [engine]
+        # Every worker answers /meta with the same engine, and vectors come back whole.
+        seen = set()
+        for i in range(12):
+            c = GoClient("127.0.0.1", proc.port)
+            m = c.request("GET", "/meta").json()
+            seen.add((m["engine"]["pid"], m["engine"]["worker_pid"]))
+            v = np.asarray(c.vectors(f"one copy {i}").json()["vector"], dtype=np.float32)
+            assert v.shape == (384,) and abs(float(np.linalg.norm(v)) - 1) < 1e-4
+            c.close()
+        assert {e for e, _ in seen} == {engine}
+        assert {w for _, w in seen} <= set(kids) - {engine}
+    finally:
+        stop(proc)
+
+
+def test_batches_fill_from_every_worker(tmp_path):
+    proc = start(tmp_path, {**fake_model(delay_s=0.05), "cache": {"enabled": False}}, "--workers", "3")
+    try:
+        statuses = []
+
+        def client(i):
+            for j in range(6):
+                c = GoClient("127.0.0.1", proc.port)  # new connections spread over the workers
+                statuses.append(c.vectors(f"mix {i} {j}").status)
+                c.close()
+
+        def mixed() -> float:
+            text = GoClient("127.0.0.1", proc.port).request("GET", "/metrics").body.decode()
+            count = metric(text, "vecshim_batch_workers_count", model="fake")
+            return count - metric(text, "vecshim_batch_workers_bucket", model="fake", le="1.0")
+
+        for _ in range(5):  # bounded rounds; one normally suffices
+            threads = [threading.Thread(target=client, args=(i,)) for i in range(24)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            if mixed() > 0:
+                break
+        assert set(statuses) == {200}
+        assert mixed() > 0, "no batch carried texts from two workers"
+    finally:
+        stop(proc)
+
+
+def test_engine_killed_answers_json_503_then_recovers(tmp_path):
+    proc = start(tmp_path, {**fake_model(), "cache": {"enabled": False}}, "--workers", "2")
+    try:
+        engine = meta(proc.port)["engine"]["pid"]
+        assert GoClient("127.0.0.1", proc.port).vectors("before").status == 200
+        os.kill(engine, signal.SIGKILL)  # a child of the server this test started
+
+        def refused():
+            c = GoClient("127.0.0.1", proc.port)
+            r = c.vectors("during")
+            c.close()
+            return r if r.status == 503 else None
+
+        r = wait_for(refused, 20)
+        assert r is not None, "no 503 while the engine was down"
+        assert r.headers["content-type"] == "application/json" and "engine" in r.json()["error"]
+        assert int(r.headers["retry-after"]) >= 1
+
+        def back():
+            m = meta(proc.port)
+            return m if m["engine"]["up"] and m["engine"]["pid"] not in (None, engine) \
+                and m["model"]["state"] == "ready" else None
+
+        m = wait_for(back, 60, 0.2)
+        assert m is not None, "the engine was not restarted"
+        assert children(proc.pid).count(m["engine"]["pid"]) == 1
+        for i in range(6):
+            c = GoClient("127.0.0.1", proc.port)
+            assert c.vectors(f"after {i}").status == 200
+            c.close()
+    finally:
+        stop(proc)
+
+
+def test_sigterm_drains_the_engine_after_the_workers(tmp_path):
+    proc = start(tmp_path, {**fake_model(delay_s=0.3), "cache": {"enabled": False}}, "--workers", "2")
+    try:
+        engine = meta(proc.port)["engine"]["pid"]
+        results = []
+
+        def call(i):
+            c = GoClient("127.0.0.1", proc.port)
+            results.append(c.vectors(f"in flight {i}").status)
+
+        threads = [threading.Thread(target=call, args=(i,)) for i in range(24)]
+        for t in threads:
+            t.start()
+        time.sleep(0.4)  # connected; the first batch is embedding, the rest queued in the engine
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(30)
+        assert sorted(results) == [200] * 24
+        assert proc.wait(30) == 0
+        assert not alive(engine)
+    finally:
+        stop(proc)
+
+
+def test_hup_reload_swaps_workers_and_engine_with_zero_failed_requests(tmp_path):
+    proc = start(tmp_path, {**fake_model(delay_s=0.01), "cache": {"enabled": False}}, "--workers", "2")
+    try:
+        before = meta(proc.port)
+        old_engine = before["engine"]["pid"]
+        assert before["model"]["dimension"] == 8
+        statuses: list[int] = []
+        stop_load = threading.Event()
+
+        def client(i):
+            n = 0
+            while not stop_load.is_set():
+                c = GoClient("127.0.0.1", proc.port)
+                try:
+                    statuses.append(c.vectors(f"reload {i} {n}").status)
+                except OSError as err:  # a connection refused or reset is a failed request too
+                    statuses.append(repr(err))
+                c.close()
+                n += 1
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        cfg_path = tmp_path / "vecshim.yaml"
+        cfg = yaml.safe_load(cfg_path.read_text())
+        cfg["models"]["fake"]["options"]["dim"] = 16  # a different vector space
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        proc.send_signal(signal.SIGHUP)
+
+        def swapped():
+            m = meta(proc.port)
+            return m if m["engine"]["pid"] != old_engine and m["model"]["dimension"] == 16 else None
+
+        after = wait_for(swapped, 60, 0.2)
+        time.sleep(0.5)
+        stop_load.set()
+        for t in threads:
+            t.join(30)
+        assert after is not None, "the reload did not bring a new engine"
+        assert len(statuses) > 50 and set(statuses) == {200}, [s for s in statuses if s != 200][:5]
+        assert wait_for(lambda: not alive(old_engine), 40, 0.2), "the old engine kept running"
+        log = (tmp_path / "server.log").read_text()
+        assert "CHANGED ITS VECTOR SPACE" in log and "'fake'" in log
+    finally:
+        stop(proc)
+
+
+def test_one_worker_keeps_the_models_in_process(tmp_path):
+    proc = start(tmp_path, fake_model(), "--workers", "1")
+    try:
+        info = meta(proc.port)["engine"]
+        assert info["mode"] == "in-process" and info["pid"] in children(proc.pid)
+        assert len(children(proc.pid)) == 1
+    finally:
+        stop(proc)

@@ -1,0 +1,219 @@
+"""The engine process: every model of a replica, loaded once, serving the HTTP workers.
+
+`python -m vecshim.engine --socket PATH [--config FILE]`, started and
+supervised by the gunicorn master (supervisor.py). It owns the `Model`
+objects (batchers, runtimes, upstream budgets) exactly as an in-process app
+would, minus the vector cache, which the workers consult before asking.
+Each worker connection gets a thread that calls `Model.embed`, so texts from
+all workers meet in one batcher queue per model.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+
+from ..config import load_config
+from ..errors import UnknownModelError, VecshimError
+from ..loader import ModelSet, build_models
+from ..logs import configure_logging
+from ..metrics import Stats
+from ..plugins import collect_backends, get_plugin_manager
+from . import channel
+
+__all__ = ["Engine", "main"]
+
+log = logging.getLogger("vecshim.engine")
+
+
+def _peer_pid(conn: socket.socket) -> int:
+    """The connecting worker's pid (Linux SO_PEERCRED), 0 if unknown."""
+    try:
+        import struct
+        raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        return struct.unpack("3i", raw)[0]
+    except (AttributeError, OSError):
+        return 0
+
+
+class Engine:
+    """Models plus a Unix socket server; `facts()` is what workers render /meta and readiness from."""
+
+    def __init__(self, config_path: str | None, socket_path: str):
+        cfg = load_config(config_path)
+        base_dir = Path(config_path).resolve().parent if config_path else Path.cwd()
+        pm = get_plugin_manager(dirs=cfg.plugins.dirs, disable=cfg.plugins.disable,
+                                load_entrypoints=cfg.plugins.entrypoints, base_dir=base_dir)
+        configure_logging(cfg.logging, cfg.secrets())
+        self.config = cfg
+        self.stats = Stats()
+        models = build_models(cfg, collect_backends(pm), cache=None, stats=self.stats)
+        self.models = ModelSet(models, on_change=self.publish)
+        self.socket_path = socket_path
+        self.boot = uuid.uuid4().hex[:12]
+        self._watchers: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._sources: dict[str, Counter] = {}  # text in flight -> pids of the workers that sent it
+        self._stop = threading.Event()
+        self._parent = os.getppid()
+        for m in models.values():
+            m._embed_batch = self._traced(m, m._embed_batch)
+
+    # -- facts ------------------------------------------------------------
+    def facts(self) -> dict:
+        """Engine identity and every model's /meta entry (state, fingerprint, dimension...)."""
+        models = self.models.models
+        return {"pid": os.getpid(), "boot": self.boot,
+                "models": {name: m.info() for name, m in models.items()},
+                "poolings": {name: list(m.poolings) for name, m in models.items()}}
+
+    def publish(self) -> None:
+        """Push the current facts to every watching worker."""
+        body = channel.pack_json(b"F", self.facts())
+        with self._lock:
+            watchers = list(self._watchers)
+        for w in watchers:
+            try:
+                channel.send(w, body)
+            except OSError:
+                self._drop_watcher(w)
+
+    def _drop_watcher(self, w: socket.socket) -> None:
+        with self._lock:
+            if w in self._watchers:
+                self._watchers.remove(w)
+        w.close()
+
+    # -- which workers a batch served (the vecshim_batch_workers metric) ---
+    def _traced(self, model, embed_batch):
+        observe = self.stats.batch_workers.labels(model.name).observe
+
+        def traced(texts, key):
+            with self._lock:
+                pids = set()
+                for t in texts:
+                    pids.update(self._sources.get(t, ()))
+            observe(len(pids))
+            return embed_batch(texts, key)
+        return traced
+
+    def _track(self, model, task: str, texts: list[str], pid: int, add: bool) -> list[str]:
+        prefix = model.cfg.prefixes.query if task == "query" else model.cfg.prefixes.passage
+        units = [prefix + t for t in texts]
+        with self._lock:
+            for u in units:
+                c = self._sources.setdefault(u, Counter())
+                c[pid] += 1 if add else -1
+                if c[pid] <= 0:
+                    del c[pid]
+                if not c:
+                    del self._sources[u]
+        return units
+
+    # -- serving ------------------------------------------------------------
+    def serve(self) -> None:
+        """Bind, load models in the background, answer until SIGTERM, then drain."""
+        try:
+            os.unlink(self.socket_path)
+        except FileNotFoundError:
+            pass
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(self.socket_path)
+        os.chmod(self.socket_path, 0o600)
+        listener.listen(1024)
+        self.models.start_loading()
+        threading.Thread(target=self._accept, args=(listener,), name="vecshim-engine-accept", daemon=True).start()
+        log.info("engine %d serving %d model(s) on %s", os.getpid(), len(self.models.models), self.socket_path)
+        while not self._stop.wait(1.0):
+            if os.getppid() != self._parent:  # the master is gone (SIGKILL): do not outlive it
+                log.error("engine %d: the gunicorn master is gone; exiting", os.getpid())
+                break
+        listener.close()
+        timeout = max(m.cfg.timeout_s for m in self.models.models.values()) if self.models.models else 30
+        self.models.close(timeout)  # queued texts finish; their callers get replies
+        time.sleep(0.05)
+        log.info("engine %d stopped", os.getpid())
+
+    def stop(self, *_args) -> None:
+        """SIGTERM: stop taking connections and drain."""
+        self._stop.set()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), name="vecshim-engine-conn", daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        pid = _peer_pid(conn)
+        try:
+            while True:
+                body = channel.recv(conn)
+                if body[:1] == b"W":
+                    self._watch(conn)
+                    return
+                channel.send(conn, self._answer(body, pid))
+        except (OSError, channel.ChannelClosed):
+            pass
+        finally:
+            conn.close()
+
+    def _watch(self, conn: socket.socket) -> None:
+        with self._lock:
+            self._watchers.append(conn)
+        channel.send(conn, channel.pack_json(b"F", self.facts()))
+        try:
+            channel.recv(conn)  # a watcher never sends again; this returns when it goes away
+        finally:
+            self._drop_watcher(conn)
+
+    def _answer(self, body: bytes, pid: int) -> bytes:
+        try:
+            kind, name, task, pooling, texts = channel.unpack_texts(body)
+            model = self.models.models.get(name)
+            if model is None:
+                raise UnknownModelError(name, self.models.models)
+            if kind == b"C":
+                return channel.pack_counts(model.backend.count_tokens(texts))
+            self._track(model, task, texts, pid, True)
+            try:
+                return channel.pack_vectors(model.embed(texts, task, pooling=pooling))
+            finally:
+                self._track(model, task, texts, pid, False)
+        except Exception as err:
+            if not isinstance(err, VecshimError):
+                log.error("engine request failed: %s", type(err).__name__, exc_info=True)
+            return channel.pack_error(err)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGTERM us when the master dies (best effort)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the engine process."""
+    p = argparse.ArgumentParser(prog="python -m vecshim.engine")
+    p.add_argument("--socket", required=True)
+    p.add_argument("--config", default=None)
+    args = p.parse_args(argv)
+    _die_with_parent()
+    engine = Engine(args.config, args.socket)
+    signal.signal(signal.SIGTERM, engine.stop)
+    signal.signal(signal.SIGINT, engine.stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the master swaps engines on reload
+    engine.serve()
+    return 0
