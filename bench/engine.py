@@ -183,7 +183,7 @@ def markdown(report: dict) -> str:
     for name, r in report["layouts"].items():
         miss, one, hit, mem = r["c32_miss"], r["c1_miss"], r["c32_hit"], r["memory_default"]
         ratio = f"{miss['texts_per_s'] / best:.2f}x" if best else "-"
-        delta = f"+{one['p50_ms'] - lat1:.1f} ms" if lat1 else "-"
+        delta = f"{one['p50_ms'] - lat1:+.1f} ms" if lat1 else "-"
         lines.append(f"| `--workers {r['workers']} --engine {r['engine']}` | {miss['texts_per_s']} "
                      f"({miss['errors']} errors) | {ratio} | {one['p50_ms']} ms | {delta} | {hit['texts_per_s']} "
                      f"({hit['errors']} errors) | {mem['rss_mib']} / {mem['pss_mib']} MiB | {mem['processes']} |")
