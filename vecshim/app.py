@@ -50,8 +50,6 @@ class State:
         self.models = models
         #: Served rerankers by name (`vecshim.ranking.Ranker`); they load after the models.
         self.rerankers = rerankers or {}
-        #: Served rerankers by name (`vecshim.ranking.Ranker`); they load after the models.
-        self.rerankers = rerankers or {}
         self.cache = cache
         self.stats = stats
         self.draining = False
