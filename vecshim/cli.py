@@ -39,7 +39,7 @@ def cmd_serve(args) -> int:
     from .check import check_config
     from .logs import gunicorn_logconfig
     from .server import (DEFAULTS, VecshimServer, default_workers, prepare_metrics_dir,
-                         read_gunicorn_config, remove_metrics_dir, use_engine)
+                         read_gunicorn_config, remove_metrics_dir, use_engine, check_models)
 
     # A configuration error (a missing key, a typo) exits 2 here, before any worker
     # retries it forever; only transient failures (an upstream down) retry after start.
@@ -49,7 +49,7 @@ def cmd_serve(args) -> int:
     try:
         cfg = _config(args.config)
         # Precedence: flags, then $VECSHIM_BIND, then the gunicorn config file, then vecshim's defaults.
-        settings = dict(DEFAULTS, workers=default_workers(cfg))
+        settings = dict(DEFAULTS, workers=default_workers(cfg, check_models(cfg, _base_dir(args.config))))
         if args.gunicorn_config:
             settings.update(read_gunicorn_config(args.gunicorn_config))
         if args.bind or os.environ.get("VECSHIM_BIND"):
