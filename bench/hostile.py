@@ -140,17 +140,19 @@ def heavy_call(port: int) -> dict:
 
 
 def encoder_speed(port: int, windows: int) -> dict:
-    """One request of about `windows` 256-token windows, timed alone."""
+    """One request of about `windows` 256-token windows, timed alone; tokens/s from its `usage`."""
     text = words(windows * 256 * 5, 7)  # about 5 characters per token
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    body = vec_body(text)
+    body = json.dumps({"input": [text], "model": "minilm"}).encode()
     t = time.perf_counter()
-    conn.request("POST", "/vectors", body, {"Content-Length": str(len(body))})
+    conn.request("POST", "/v1/embeddings", body, {"Content-Type": "application/json"})
     r = conn.getresponse()
-    r.read()
+    data = json.loads(r.read())
     took = time.perf_counter() - t
     conn.close()
-    return {"status": r.status, "chars": len(text), "seconds": round(took, 2)}
+    tokens = data.get("usage", {}).get("prompt_tokens") if r.status == 200 else None
+    return {"status": r.status, "chars": len(text), "tokens": tokens, "seconds": round(took, 2),
+            "tokens_per_s": round(tokens / took) if tokens else None}
 
 
 def main() -> None:

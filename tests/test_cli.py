@@ -5,6 +5,7 @@ import argparse
 import io
 import json
 import os
+import signal
 import subprocess
 import textwrap
 import time
@@ -533,6 +534,27 @@ def test_embed_a_failing_text_fails_only_its_own_line(fake_conf):
     assert np.array_equal(np.float32(rows[2]["vector"]), fake_vector("ok two", "passage", 16))
     assert "error: 1 line(s) could not be embedded" in proc.stderr
     assert_no_traceback(proc)
+
+
+def test_embed_ctrl_c_ends_cleanly(fake_conf, tmp_path):
+    path = fake_conf({"slow": {"backend": "fake", "options": {"delay_s": 0.2}}})
+    source = tmp_path / "in.txt"
+    source.write_text("".join(f"text {i}\n" for i in range(20000)))
+    proc = subprocess.Popen([VECSHIM, "embed", "-c", str(path), "--input", str(source)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(TESTS), HF_HUB_OFFLINE="1"))
+    try:
+        first = proc.stdout.readline()  # embedding is under way
+        assert first.startswith(b'{"text":"text 0"')
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 130
+    assert err.decode().splitlines()[-1] == "interrupted"
+    assert b"Traceback" not in err
+    assert len(out.splitlines()) < 19999  # it stopped early
 
 
 def test_embed_into_a_closed_pipe_ends_quietly(fake_conf):

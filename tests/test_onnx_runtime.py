@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -83,17 +82,14 @@ def test_cache_is_reused_not_exported_again(served, cache_dir):
     assert len(exports) == 2  # one per ONNX runtime
     assert not [p for p in exports if p.name.startswith(".")]  # no temp folder left behind
     mtimes = {p: (p / "model.onnx").stat().st_mtime_ns for p in exports}
-    start = time.monotonic()
     s = Served(create_app(config("onnx", cache_dir), load_entrypoints=False))
     try:
         assert s.state.wait_ready(60), s.state.not_ready_reason()
-        ready = time.monotonic() - start
     finally:
         s.close()
     assert {p: (p / "model.onnx").stat().st_mtime_ns for p in exports} == mtimes
     assert sorted(cache_dir.iterdir()) == exports
-    # Imports are already done in this process; the bench measures a real gunicorn start.
-    assert ready < 3.0, f"cached onnx start-to-ready took {ready:.2f} s"
+    # How fast a cached start is belongs to bench/runtimes.py (bench/RESULTS.md), not to a test.
 
 
 def test_missing_extra_names_the_pip_command():

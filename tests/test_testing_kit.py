@@ -103,6 +103,21 @@ class ClaimsNormalized(FakeBackend):
         return super().embed(texts, task) * 2
 
 
+class Anonymous(FakeBackend):
+    name = "anonymous"
+
+    def info(self):
+        return {}
+
+
+class WrongWhenLong(FakeBackend):
+    name = "wrong-when-long"
+
+    def embed(self, texts, task, pooling=None):
+        out = super().embed(texts, task)
+        return out[:, :-1] if any(len(t.split()) > 20 for t in texts) else out
+
+
 @pytest.mark.parametrize("cls, options, kwargs, check, message", [
     (Ragged, {}, {}, "check_dimension", "shape"),
     (BatchDependent, {}, {}, "check_batch_equals_single", "batch vs one-by-one"),
@@ -113,6 +128,9 @@ class ClaimsNormalized(FakeBackend):
     (Loose, {}, {}, "check_options", "were accepted"),
     (RaisesRuntimeError, {}, {"failing_options": {}}, "check_failure", "raise vecshim.BackendError"),
     (ClaimsNormalized, {}, {}, "check_dimension", "normalized=True"),
+    (Anonymous, {}, {}, "check_info", "must say which model it serves"),
+    (WrongWhenLong, {"max_input_tokens": 40}, {}, "check_dimension", "a long text gave vectors of length 15"),
+    (FakeBackend, {"declare_dim": 32}, {}, "check_dimension", "declares dimension 32"),
 ])
 def test_each_check_catches_its_breakage(cls, options, kwargs, check, message):
     with pytest.raises(ConformanceError) as excinfo:

@@ -393,3 +393,15 @@ def test_config_check_reports_an_empty_backend_identity(tmp_path):
     proc = run("config", "check", str(path))
     assert proc.returncode == 2
     assert "models.m: backend 'anonymous' must say which model it serves" in proc.stderr
+
+
+@pytest.mark.parametrize("opts, said", [
+    ({}, "not Matryoshka-trained: dimensions below it are truncated and renormalised"),
+    ({"dimensions": "strict"}, "not Matryoshka-trained: dimensions: strict"),
+    ({"matryoshka": True}, "(Matryoshka-trained)"),
+])
+def test_the_start_log_and_meta_say_whether_the_model_is_matryoshka_trained(serve, caplog, opts, said):
+    with caplog.at_level("INFO", logger="vecshim.model"):
+        s = serve(fake_config(**opts))
+    assert any("model 'fake' ready" in r.getMessage() and said in r.getMessage() for r in caplog.records)
+    assert s.client().request("GET", "/meta").json()["model"]["matryoshka"] is bool(opts.get("matryoshka"))

@@ -98,11 +98,28 @@ def _start(fn, *args) -> concurrent.futures.Future:
     return fut
 
 
+def chunk_limits(model, in_flight: int = 2, chunk_size: int = CHUNK) -> tuple[int, int | None]:
+    """(texts, characters) per chunk, so `in_flight` chunks stay inside the model's queue limits.
+
+    A token covers at least one character, so a character budget bounds the
+    tokens a chunk brings (`batch.max_request_tokens`, `max_queue_tokens`)
+    without tokenizing twice; a quarter is kept for prefixes and windows.
+    """
+    batch = model.cfg.batch
+    texts = max(1, min(chunk_size, batch.max_queue // (2 * in_flight)))
+    per_request = getattr(model, "max_request_tokens", None)
+    queue = batch.max_queue_tokens or (4 * per_request if per_request else None)
+    limits = [x for x in (per_request, queue // in_flight if queue else None) if x]
+    return texts, (min(limits) * 3 // 4 if limits else None)
+
+
 def embed_records(model, records: Iterable[Record], task: str = "passage", dimensions: int | None = None,
                   chunk_size: int = CHUNK, in_flight: int = 2) -> Iterator[tuple[Record, np.ndarray | None]]:
     """(record, vector or None) for each record, in input order."""
+    max_texts, max_chars = chunk_limits(model, in_flight, chunk_size)
     pending: list[tuple[list[Record], concurrent.futures.Future]] = []
     chunk: list[Record] = []
+    chars = 0
 
     def drain(keep: int):
         while len(pending) > keep:
@@ -110,11 +127,13 @@ def embed_records(model, records: Iterable[Record], task: str = "passage", dimen
             yield from zip(recs, fut.result())
 
     for rec in records:
-        chunk.append(rec)
-        if len(chunk) >= chunk_size:
+        size = len(rec.text or "")
+        if chunk and (len(chunk) >= max_texts or (max_chars and chars + size > max_chars)):
             pending.append((chunk, _start(_embed_chunk, model, chunk, task, dimensions)))
-            chunk = []
+            chunk, chars = [], 0
             yield from drain(in_flight - 1)
+        chunk.append(rec)
+        chars += size
     if chunk:
         pending.append((chunk, _start(_embed_chunk, model, chunk, task, dimensions)))
     yield from drain(0)

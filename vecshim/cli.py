@@ -39,7 +39,7 @@ def cmd_serve(args) -> int:
     from .check import check_config
     from .logs import gunicorn_logconfig
     from .server import (DEFAULTS, VecshimServer, default_workers, prepare_metrics_dir,
-                         read_gunicorn_config, remove_metrics_dir, use_engine)
+                         read_gunicorn_config, remove_metrics_dir, use_engine, check_models)
 
     # A configuration error (a missing key, a typo) exits 2 here, before any worker
     # retries it forever; only transient failures (an upstream down) retry after start.
@@ -49,7 +49,7 @@ def cmd_serve(args) -> int:
     try:
         cfg = _config(args.config)
         # Precedence: flags, then $VECSHIM_BIND, then the gunicorn config file, then vecshim's defaults.
-        settings = dict(DEFAULTS, workers=default_workers(cfg))
+        settings = dict(DEFAULTS, workers=default_workers(cfg, check_models(cfg, _base_dir(args.config))))
         if args.gunicorn_config:
             settings.update(read_gunicorn_config(args.gunicorn_config))
         if args.bind or os.environ.get("VECSHIM_BIND"):
@@ -160,6 +160,8 @@ def _input_lines(args):
         except OSError as err:
             raise VecshimError(f"cannot read {args.input}: {err.strerror}") from None
         return f, count_lines(args.input)
+    if sys.stdin.isatty():
+        print("reading texts from the terminal, one per line; end with Ctrl-D", file=sys.stderr)
     return stdin_lines(), None
 
 
@@ -190,7 +192,7 @@ def cmd_embed(args) -> int:
         writer = bulk.WRITERS[args.format](out, dims, args.input_format, args.id_field)
         records = bulk.read_records(lines, args.input_format, args.text_field, args.id_field)
         failed = blank = done = 0
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), time.process_time()
         bar = tqdm(total=total, unit=" lines", file=sys.stderr, dynamic_ncols=True, smoothing=0.05,
                    disable=args.quiet or not sys.stderr.isatty())
         with bar:
@@ -205,7 +207,8 @@ def cmd_embed(args) -> int:
         if args.stats:
             secs = time.monotonic() - started
             print(json.dumps({"lines": done, "vectors": done - failed - blank, "seconds": round(secs, 3),
-                              "lines_per_s": round(done / secs, 1) if secs else None}), file=sys.stderr)
+                              "lines_per_s": round(done / secs, 1) if secs else None,
+                              "cpu_seconds": round(time.process_time() - cpu_started, 3)}), file=sys.stderr)
         if blank:
             print(f"note: {blank} line(s) had no text to embed (error records written)", file=sys.stderr)
         if failed:
@@ -289,8 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quiet", "-q", action="store_true", help="no progress bar (it shows only on a terminal)")
     e.add_argument("--verbose", "-v", action="store_true", help="log model loading to stderr")
     e.add_argument("--stats", action="store_true",
-                   help="at the end, print one JSON line to stderr: lines, vectors, seconds, lines_per_s "
-                        "(from the first input line, model already loaded)")
+                   help="at the end, print one JSON line to stderr: lines, vectors, seconds, lines_per_s, "
+                        "cpu_seconds (from the first input line, model already loaded)")
     e.set_defaults(func=cmd_embed)
 
     pl = _sub(sub, "plugin", "tools for plugin authors", "vecshim plugin new acme-embed")

@@ -54,7 +54,7 @@ class BatchConfig(_Strict):
     #: Queued texts beyond which requests get a fast 503 with Retry-After.
     max_queue: int = Field(4096, ge=1)
     #: Most tokens (long-text windows included) one request may bring (413 beyond).
-    #: None: 65,536 for a model computed in-process, 1,048,576 for a hosted one.
+    #: None: 16,384 for a model computed in-process, 1,048,576 for a hosted one.
     max_request_tokens: int | None = Field(None, ge=1)
     #: Queued tokens beyond which requests above one text's worth get a 503 (None: 4 x max_request_tokens).
     max_queue_tokens: int | None = Field(None, ge=1)

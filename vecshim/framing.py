@@ -62,13 +62,16 @@ class Framing:
         self._body = 0            # chunked: body bytes declared so far
         self._trailers = False    # chunked: past the last chunk, reading trailers
         self.end = -1             # index just past the request
+        self._scan = 0            # where the search for a blank line resumes
 
     def feed(self, buf: bytes | bytearray) -> bool:
         if self.head_end < 0:
-            idx = buf.find(b"\r\n\r\n")
+            idx = buf.find(b"\r\n\r\n", self._scan)
             if idx < 0:
                 if len(buf) > HEADER_LIMIT:
                     raise FramingError(431, f"request headers are over {HEADER_LIMIT} bytes")
+                # resume there next time: a byte-at-a-time sender must not cost a rescan per byte
+                self._scan = max(0, len(buf) - 3)
                 return False
             if idx + 4 > HEADER_LIMIT:
                 raise FramingError(431, f"request headers are over {HEADER_LIMIT} bytes")
@@ -128,10 +131,11 @@ class Framing:
                 if buf[self._pos:self._pos + 2] == b"\r\n":
                     self.end = self._pos + 2
                     return True
-                idx = buf.find(b"\r\n\r\n", self._pos)
+                idx = buf.find(b"\r\n\r\n", max(self._pos, self._scan))
                 if idx < 0:
                     if len(buf) - self._pos > HEADER_LIMIT:
                         raise FramingError(431, "chunked trailers are too large")
+                    self._scan = max(self._pos, len(buf) - 3)
                     return False
                 self.end = idx + 4
                 return True

@@ -131,7 +131,7 @@ class VecshimFormatter(logging.Formatter):
     def __init__(self, fmt: str = "text", secrets: list[str] | None = None):
         super().__init__("%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
         self.json = fmt == "json"
-        register_secret(*(secrets or []))
+        register_secret(*(secrets or []), *(os.environ.get(name) for name in SDK_KEY_ENV))
 
     def redact(self, text: str) -> str:
         """Replace every known secret in `text` (see `redact`)."""
@@ -187,6 +187,7 @@ def _quiet_http_clients() -> None:
 
 def make_formatter(fmt: str = "text", secrets: list[str] | None = None) -> logging.Formatter:
     """The formatter (with redaction) for `logging.format`; a dictConfig factory too."""
+    register_secret(*(os.environ.get(name) for name in SDK_KEY_ENV))  # the gunicorn master's too
     return VecshimFormatter(fmt, secrets)
 
 
@@ -211,7 +212,6 @@ def gunicorn_logconfig(cfg, secrets: list[str], errorlog: str = "-") -> dict:
 
 def configure_logging(cfg, secrets: list[str]) -> VecshimFormatter:
     """Install our formatter on the root logger's one handler and on gunicorn's loggers."""
-    register_secret(*(os.environ.get(name) for name in SDK_KEY_ENV))
     formatter = make_formatter(cfg.format, secrets)
     root = logging.getLogger()
     mine = [h for h in root.handlers if getattr(h, _HANDLER_FLAG, False)]

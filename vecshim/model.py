@@ -23,7 +23,7 @@ __all__ = ["Model", "build_backend", "UnavailableBackend"]
 
 log = logging.getLogger("vecshim.model")
 #: Default per-request token limits (docs/operations.md "Connections" has the measurements).
-LOCAL_REQUEST_TOKENS = 65_536
+LOCAL_REQUEST_TOKENS = 16_384
 HOSTED_REQUEST_TOKENS = 1_048_576
 #: A prefix of (limit + 1) x this many characters holds more than `limit` tokens in
 #: most text (about 4-5 characters per token), so probing it refuses early.

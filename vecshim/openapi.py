@@ -42,11 +42,16 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "text": _TEXT,
             "config": {"type": "object", "nullable": True, "properties": {
-                "pooling_strategy": {"type": "string", "description": "Accepted and ignored."},
+                "pooling_strategy": {"type": "string", "nullable": True,
+                                     "description": "`masked_mean` (Weaviate's default) or `cls`: honoured by "
+                                                    "local models whose pooling is a separate step; other "
+                                                    "models accept `masked_mean` only. Others: 400."},
                 "task_type": {"type": "string", "enum": ["query", "passage", ""],
                               "description": "Default `passage`."},
                 "dimensions": {"type": "integer", "minimum": 0,
-                               "description": "0 or absent: the native size."},
+                               "description": "0 or absent: the native size; smaller: truncated and "
+                                              "re-normalised (400 under `dimensions: strict` unless "
+                                              "Matryoshka)."},
             }},
             "dims": {"type": "integer"},
             "vector": {"type": "array", "items": {"type": "number"}, "nullable": True},
@@ -65,8 +70,8 @@ SCHEMAS: dict[str, Any] = {
             "input": {**_TEXTS, "description": "One text or up to 2048 (`server.max_texts_per_request`)."},
             "model": {"type": "string", "description": "A configured model name or alias; absent: the default."},
             "dimensions": {"type": "integer", "minimum": 1,
-                           "description": "Honoured when it is the native size or the model is Matryoshka; "
-                                          "otherwise 400."},
+                           "description": "Up to the native size: smaller vectors are truncated and "
+                                          "re-normalised (400 under `dimensions: strict` unless Matryoshka)."},
             "encoding_format": {"type": "string", "enum": ["float", "base64"], "default": "float"},
             "input_type": {"type": "string", "enum": ["query", "passage"], "default": "passage",
                            "description": "vecshim extension: the task for asymmetric models."},

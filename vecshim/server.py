@@ -73,12 +73,19 @@ def check_models(config, base_dir: Path | None = None):
     return registry
 
 
-def default_workers(config) -> int:
+def default_workers(config, registry) -> int:
     """HTTP workers when not set: see docs/operations.md "Process model" for the measurements.
 
-    With an engine (the default) the models load once whatever the count, so
-    workers only parse, check the cache and render: two per core.
+    With an engine the models load once whatever the count, so workers only
+    parse, check the cache and render. Rerankers still load in each worker:
+    with one that holds weights in-process (a cross-encoder), one worker.
     """
+    for rcfg in (config.rerankers or {}).values():
+        try:
+            if registry.get_reranker(rcfg.backend).in_process:
+                return 1
+        except (ConfigError, AttributeError):
+            continue
     return DEFAULT_WORKERS
 
 
