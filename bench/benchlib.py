@@ -5,6 +5,7 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from typing import Sequence
 
@@ -130,3 +131,28 @@ def wait_quiet(max_wait: float = 120.0, threshold_pct: float = 15.0, window: flo
         pct = 100 * (busy1 - busy0) / (window * (os.cpu_count() or 1))
         if pct < threshold_pct or time.monotonic() >= deadline:
             return round(pct, 1)
+
+
+def sorted_chunks(backend, texts: Sequence[str], size: int) -> list[list[str]]:
+    """Texts sorted by the backend's token count and cut into chunks of `size` (the raw-limit input)."""
+    order = sorted(texts, key=lambda t: backend.count_tokens([t])[0])
+    return [order[i:i + size] for i in range(0, len(order), size)]
+
+
+def embed_chunks(backend, chunks: Sequence[Sequence[str]], threads: int) -> None:
+    """Embed every chunk with `threads` threads pulling from one shared iterator (the raw limit's loop)."""
+    it, lock = iter(chunks), threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                chunk = next(it, None)
+            if chunk is None:
+                return
+            backend.embed(list(chunk), "passage")
+
+    pool = [threading.Thread(target=worker) for _ in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()

@@ -32,12 +32,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
+from benchlib import embed_chunks, sorted_chunks
 from corpus import get_corpus
 
 VENV_BIN = Path(sys.executable).parent
@@ -61,25 +61,10 @@ def make_backend(config: str | None, workers: int):
 
 def raw_rate(backend, texts: list[str], size: int, workers: int) -> tuple[float, float]:
     """(texts/s, texts per CPU-second) of backend.embed over length-sorted chunks of `size`, `workers` threads."""
-    order = sorted(texts, key=lambda t: backend.count_tokens([t])[0])
-    chunks = [order[i:i + size] for i in range(0, len(order), size)]
+    chunks = sorted_chunks(backend, texts, size)
     backend.embed(chunks[0], "passage")  # warm
-    it, lock = iter(chunks), threading.Lock()
-
-    def worker() -> None:
-        while True:
-            with lock:
-                chunk = next(it, None)
-            if chunk is None:
-                return
-            backend.embed(chunk, "passage")
-
     start, cpu = time.perf_counter(), time.process_time()
-    pool = [threading.Thread(target=worker) for _ in range(workers)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
+    embed_chunks(backend, chunks, workers)
     return len(texts) / (time.perf_counter() - start), len(texts) / (time.process_time() - cpu)
 
 

@@ -25,11 +25,10 @@ import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from benchlib import machine_info, percentile
+from benchlib import embed_chunks, machine_info, percentile
 from corpus import get_corpus
 from run_all import REPO, free_port, run_json, start_server, stop_server, wait_ready
 
@@ -65,21 +64,7 @@ def raw(texts: list[str], cpus: int) -> dict:
         backend.embed(chunks[0], "passage")
 
         def run() -> None:
-            it, lock = iter(chunks), threading.Lock()
-
-            def worker() -> None:
-                while True:
-                    with lock:
-                        chunk = next(it, None)
-                    if chunk is None:
-                        return
-                    backend.embed(chunk, "passage")
-
-            pool = [threading.Thread(target=worker) for _ in range(cpus)]
-            for t in pool:
-                t.start()
-            for t in pool:
-                t.join()
+            embed_chunks(backend, chunks, cpus)
 
         best = min(_timed(run) for _ in range(2))
         out[f"batch_{size}"] = {"texts_per_s": round(len(texts) / best, 1), "seconds": round(best, 3)}

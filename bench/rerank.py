@@ -28,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchlib import machine_info, percentile
+from benchlib import embed_chunks, machine_info, percentile, sorted_chunks
 from corpus import get_corpus
 from goclient import go_json
 from run_all import REPO, free_port, start_server, stop_server, wait_ready
@@ -49,25 +49,10 @@ def raw_rates(docs: list[str], torch_docs: int = 2048) -> dict:
     workers = backend.concurrency or 1
     backend.load()
     size = min(DOCS_PER_CALL, backend.max_batch_size or DOCS_PER_CALL)
-    order = sorted(docs, key=lambda t: backend.count_tokens([t])[0])
-    chunks = [order[i:i + size] for i in range(0, len(order), size)]
+    chunks = sorted_chunks(backend, docs, size)
     backend.embed(chunks[0], "passage")
-    it, lock = iter(chunks), threading.Lock()
-
-    def worker() -> None:
-        while True:
-            with lock:
-                chunk = next(it, None)
-            if chunk is None:
-                return
-            backend.embed(chunk, "passage")
-
     start = time.perf_counter()
-    pool = [threading.Thread(target=worker) for _ in range(workers)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
+    embed_chunks(backend, chunks, workers)
     served_raw = len(docs) / (time.perf_counter() - start)
     info = {"runtime": backend.info().get("runtime"), "batch": size, "encoder_threads": workers}
     backend.close()

@@ -21,11 +21,10 @@ import os
 import shlex
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from benchlib import machine_info, wait_quiet
+from benchlib import embed_chunks, machine_info, wait_quiet
 from corpus import get_corpus
 from raw_limit import _throughput
 from run_all import REPO, free_port, run_json, start_server, stop_server, wait_ready
@@ -63,21 +62,7 @@ def raw_backend(runtime: str, texts: list[str], cache: str, workers: int, thread
         backend.embed(chunks[0], "passage")
 
         def run() -> None:
-            it, lock = iter(chunks), threading.Lock()
-
-            def worker() -> None:
-                while True:
-                    with lock:
-                        chunk = next(it, None)
-                    if chunk is None:
-                        return
-                    backend.embed(chunk, "passage")
-
-            pool = [threading.Thread(target=worker) for _ in range(workers)]
-            for t in pool:
-                t.start()
-            for t in pool:
-                t.join()
+            embed_chunks(backend, chunks, workers)
 
         out[f"batch_{size}"] = _throughput(run, len(texts))
     return out
