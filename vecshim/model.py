@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import threading
@@ -10,14 +9,14 @@ import time
 from typing import Any, Sequence
 
 import numpy as np
-from pydantic import ValidationError
 
 from .backend import TASKS, Backend, BackendOptions
 from .batching import Batcher
-from .config import ModelConfig, format_validation_error
-from .errors import (BackendError, BackendUnavailable, BadRequest, ConfigError, PayloadTooLarge, VecshimError,
+from .config import ModelConfig
+from .errors import (BackendError, BackendUnavailable, BadRequest, PayloadTooLarge, VecshimError,
                      brief)
 from . import space
+from .plugins import build_plugin
 
 __all__ = ["Model", "build_backend", "UnavailableBackend"]
 
@@ -32,15 +31,7 @@ _PROBE_CHARS_PER_TOKEN = 6
 
 def build_backend(name: str, cfg: ModelConfig, cls: type[Backend]) -> Backend:
     """Validate `cfg.options` against the backend's Options and construct it."""
-    missing = [m for m in cls.requires if importlib.util.find_spec(m) is None]
-    if missing:
-        extra = f"vecshim[{cls.extra}]" if cls.extra else " ".join(missing)
-        raise ConfigError(f"models.{name}: backend {cls.name!r} needs: pip install '{extra}'")
-    try:
-        options = cls.Options.model_validate(cfg.options)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, prefix=f"models.{name}.options", root=cls.Options)) from None
-    return cls(options)
+    return build_plugin(cls, cfg.options, f"models.{name}", "backend")
 
 
 class UnavailableBackend(Backend):

@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Iterable
 
 import pluggy
+from pydantic import ValidationError
 
 from . import hookspecs
 from .backend import Backend
+from .config import format_validation_error
 from .errors import ConfigError, UnknownBackendError
 from .reranker import Reranker
 
-__all__ = ["DEFAULT_PLUGINS", "Registry", "get_plugin_manager", "collect_backends", "plugin_infos",
+__all__ = ["DEFAULT_PLUGINS", "Registry", "get_plugin_manager", "collect_backends", "plugin_infos", "build_plugin",
            "plugin_origin"]
 
 #: Built-in backends and rerankers, registered exactly like third-party plugins.
@@ -253,3 +255,20 @@ def plugin_infos(pm: pluggy.PluginManager) -> list[dict]:
             version = __version__
         out.append({"name": name, "version": version, "hooks": hooks})
     return sorted(out, key=lambda p: p["name"])
+
+
+def build_plugin(cls, options: dict, path: str, kind: str):
+    """Construct a registered backend or reranker class from its config section at `path`.
+
+    A missing pip extra and invalid options are ConfigErrors naming `path`
+    (`models.NAME` or `rerankers.NAME`); `kind` words the message.
+    """
+    missing = [m for m in cls.requires if importlib.util.find_spec(m) is None]
+    if missing:
+        extra = f"vecshim[{cls.extra}]" if cls.extra else " ".join(missing)
+        raise ConfigError(f"{path}: {kind} {cls.name!r} needs: pip install '{extra}'")
+    try:
+        parsed = cls.Options.model_validate(options)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, prefix=f"{path}.options", root=cls.Options)) from None
+    return cls(parsed)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import logging
 import threading
@@ -10,11 +9,11 @@ import time
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from pydantic import ValidationError
 
 from .batching import Batcher
-from .config import RerankerConfig, format_validation_error
+from .config import RerankerConfig
 from .errors import BackendError, BackendUnavailable, ConfigError, VecshimError
+from .plugins import build_plugin
 from .reranker import Reranker
 
 __all__ = ["Ranker", "build_reranker", "build_rankers", "bind_models", "WARMUP_QUERY"]
@@ -26,15 +25,7 @@ _WARMUP_DOCS = ["The quick brown fox jumps over the lazy dog."]
 
 def build_reranker(name: str, cfg: RerankerConfig, cls: type[Reranker]) -> Reranker:
     """Validate `cfg.options` against the reranker's Options and construct it."""
-    missing = [m for m in cls.requires if importlib.util.find_spec(m) is None]
-    if missing:
-        extra = f"vecshim[{cls.extra}]" if cls.extra else " ".join(missing)
-        raise ConfigError(f"rerankers.{name}: reranker {cls.name!r} needs: pip install '{extra}'")
-    try:
-        options = cls.Options.model_validate(cfg.options)
-    except ValidationError as err:
-        raise ConfigError(format_validation_error(err, prefix=f"rerankers.{name}.options")) from None
-    return cls(options)
+    return build_plugin(cls, cfg.options, f"rerankers.{name}", "reranker")
 
 
 def bind_models(name: str, reranker: Reranker, models: Mapping[str, Any]) -> None:
