@@ -1,4 +1,4 @@
-"""Ollama `/api/embed` (CONTRACTS.md §3) and the Hugging Face endpoint (§4), as Weaviate calls them."""
+"""Ollama `/api/embed` and the Hugging Face endpoint, as Weaviate calls them."""
 from __future__ import annotations
 
 import numpy as np

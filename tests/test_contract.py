@@ -1,4 +1,4 @@
-"""Weaviate's text2vec-transformers contract (CONTRACTS.md §1, §7) over real HTTP."""
+"""Weaviate's text2vec-transformers contract over real HTTP."""
 from __future__ import annotations
 
 import json

@@ -69,7 +69,7 @@ def get_model(model: str):
 
 @bp.after_request
 def rate_limit_headers(response):
-    """Advertise generous limits so Weaviate's text2vec-openai batches (CONTRACTS.md §2)."""
+    """Advertise generous limits so Weaviate's text2vec-openai batches."""
     response.headers.update(RATE_LIMIT_HEADERS)
     return response
 

@@ -1,4 +1,4 @@
-"""Hugging Face feature-extraction wire format as text2vec-huggingface sends it (CONTRACTS.md §4)."""
+"""Hugging Face feature-extraction wire format as text2vec-huggingface sends it."""
 from __future__ import annotations
 
 from typing import Sequence

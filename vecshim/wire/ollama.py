@@ -1,4 +1,4 @@
-"""Ollama `/api/embed` wire format as text2vec-ollama sends it (CONTRACTS.md §3)."""
+"""Ollama `/api/embed` wire format as text2vec-ollama sends it."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -1,4 +1,4 @@
-"""OpenAI embeddings wire format (CONTRACTS.md §2, §7.5): lenient in, OpenAI-shaped out."""
+"""OpenAI embeddings wire format: lenient in, OpenAI-shaped out."""
 from __future__ import annotations
 
 import base64
@@ -22,7 +22,7 @@ ENCODINGS = ("float", "base64")
 INPUT_TYPES = ("query", "passage")
 
 #: We do not rate-limit, but Weaviate's text2vec-openai sends one text per
-#: request, serially, until it sees positive limits (CONTRACTS.md §2).
+#: request, serially, until it sees positive limits.
 RATE_LIMIT_HEADERS = {
     "x-ratelimit-limit-requests": "1000000",
     "x-ratelimit-limit-tokens": "1000000000",

@@ -1,4 +1,4 @@
-"""Weaviate text2vec-transformers wire format (CONTRACTS.md §1.4): lenient in, exact out."""
+"""Weaviate text2vec-transformers wire format: lenient in, exact out."""
 from __future__ import annotations
 
 import json
