@@ -152,8 +152,13 @@ def _hammer(s, clients: int, per_client: int, tasks=("passage",)) -> list:
     return results
 
 
+# The upstream answers slowly (0.3 s) so that, however loaded the machine, the clients'
+# next texts arrive while calls are in flight: those must join the next call together.
+SLOW_UPSTREAM_S = 0.3
+
+
 def test_concurrent_clients_are_coalesced_into_few_calls(serve):
-    with FakeOpenAI(dim=8, api_key=KEY, latency_s=0.05) as fake:
+    with FakeOpenAI(dim=8, api_key=KEY, latency_s=SLOW_UPSTREAM_S) as fake:
         s = serve(config(oai=openai_model(fake, batch={"max_size": 256, "max_wait_ms": 20})))
         fake.clear()
         results = _hammer(s, clients=32, per_client=8)
@@ -169,7 +174,7 @@ def test_concurrent_clients_are_coalesced_into_few_calls(serve):
 def test_cohere_batches_respect_96_texts_and_never_mix_tasks(serve, tmp_path):
     key_file = tmp_path / "cohere.key"
     key_file.write_text(CO_KEY)
-    with FakeCohere(dim=8, api_key=CO_KEY, latency_s=0.05) as fake:
+    with FakeCohere(dim=8, api_key=CO_KEY, latency_s=SLOW_UPSTREAM_S) as fake:
         s = serve(config(co=cohere_model(fake, key_file)))
         fake.clear()
         results = _hammer(s, clients=32, per_client=8, tasks=("query", "passage"))
