@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal, Sequence
 from pydantic import BaseModel, ConfigDict
 
 __all__ = ["Backend", "BackendOptions", "Task", "TASKS", "count_with_tokenizer", "split_with_tokenizer",
-           "TokenizerTextMixin"]
+           "TokenizerTextMixin", "estimate_tokens", "split_by_chars"]
 
 #: Weaviate's two task types; `passage` is used when a request names none.
 Task = Literal["query", "passage"]
@@ -43,6 +43,17 @@ def split_with_tokenizer(tokenizer, text: str, max_tokens: int) -> list[str]:
         windows.append(text[a:b].strip() or text[a:b])
         start = end
     return [w for w in windows if w.strip()] or [text]
+
+
+def estimate_tokens(texts: Sequence[str]) -> list[int]:
+    """Token counts estimated from characters (for backends and rerankers without a tokenizer)."""
+    return [max(1, math.ceil(len(t) / CHARS_PER_TOKEN)) for t in texts]
+
+
+def split_by_chars(text: str, max_tokens: int) -> list[str]:
+    """Windows of about `max_tokens` tokens, cut by the character estimate."""
+    size = max(1, max_tokens * CHARS_PER_TOKEN)
+    return [text[i:i + size] for i in range(0, len(text), size)] or [text]
 
 
 class BackendOptions(BaseModel):
@@ -140,12 +151,11 @@ class Backend(ABC):
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Return each text's token count; the default estimates from characters."""
-        return [max(1, math.ceil(len(t) / CHARS_PER_TOKEN)) for t in texts]
+        return estimate_tokens(texts)
 
     def split_text(self, text: str, max_tokens: int) -> list[str]:
         """Split `text` into consecutive windows of at most `max_tokens` tokens."""
-        size = max(1, max_tokens * CHARS_PER_TOKEN)
-        return [text[i:i + size] for i in range(0, len(text), size)] or [text]
+        return split_by_chars(text, max_tokens)
 
     @abstractmethod
     def embed(self, texts: list[str], task: Task) -> Sequence[Sequence[float]]:

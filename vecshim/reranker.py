@@ -1,13 +1,12 @@
 """The Reranker contract: scores documents against a query (built-in or plugin)."""
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Mapping, Sequence
 
 from pydantic import BaseModel
 
-from .backend import CHARS_PER_TOKEN, BackendOptions
+from .backend import BackendOptions, estimate_tokens, split_by_chars
 
 __all__ = ["Reranker", "RerankerOptions"]
 
@@ -75,12 +74,11 @@ class Reranker(ABC):
 
     def count_tokens(self, texts: Sequence[str]) -> list[int]:
         """Return each text's token count; the default estimates from characters."""
-        return [max(1, math.ceil(len(t) / CHARS_PER_TOKEN)) for t in texts]
+        return estimate_tokens(texts)
 
     def split_text(self, text: str, max_tokens: int) -> list[str]:
         """Split `text` into consecutive windows of at most `max_tokens` tokens."""
-        size = max(1, max_tokens * CHARS_PER_TOKEN)
-        return [text[i:i + size] for i in range(0, len(text), size)] or [text]
+        return split_by_chars(text, max_tokens)
 
     @abstractmethod
     def score(self, query: str, documents: list[str]) -> Sequence[float]:
