@@ -139,6 +139,12 @@ class SentenceTransformersBackend(TokenizerTextMixin, Backend):
         """Split the cores between the batch threads that call embed() at once."""
         self._callers = callers
 
+    def count_tokens(self, texts) -> list[int]:
+        """Exact token counts; on the light ONNX path the encoder reuses this tokenization."""
+        if self._light is not None:
+            return self._light.count(texts)
+        return super().count_tokens(texts)
+
     def _resolve_runtime(self, options: SentenceTransformersOptions) -> str:
         """The configured runtime, `auto` resolved; a missing extra is a config error."""
         runtime = options.runtime
