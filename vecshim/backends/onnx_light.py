@@ -159,7 +159,7 @@ class LightModel:
     """The sentence-transformers pipeline rebuilt from a manifest, without torch."""
 
     def __init__(self, folder: Path, threads: int, max_seq_length: int | None = None,
-                 solo_threads: int | None = None):
+                 solo_threads: int | None = None, solo_spin: bool = False):
         from tokenizers import Tokenizer
 
         m = json.loads((folder / MANIFEST).read_text())
@@ -184,13 +184,14 @@ class LightModel:
         # Built by the first lone text (the warm-up), in that thread: built in another thread,
         # ONNX Runtime aborts the process at interpreter exit.
         self.solo = None
-        self._solo_plan = (folder / "model.onnx", solo_threads) if solo_threads and solo_threads > threads else None
+        self._solo_plan = ((folder / "model.onnx", solo_threads, solo_spin)
+                           if solo_threads and solo_threads > threads else None)
         self._running = 0
         self._lock = threading.Lock()
         self.inputs = [i.name for i in self.session.get_inputs()]
 
-    def _load_solo(self, path: Path, threads: int) -> None:
-        self.solo = _session(path, threads, spin=False)
+    def _load_solo(self, path: Path, threads: int, spin: bool) -> None:
+        self.solo = _session(path, threads, spin=spin)
 
     @property
     def max_input_tokens(self) -> int:
