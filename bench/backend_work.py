@@ -223,10 +223,13 @@ def cost(rounds: int, seconds: float) -> dict:
     for n in ns:  # the view: ms per text at each batch size, averaged over lengths
         out["ms_per_text_by_n"][n] = round(float(np.mean([s / n for m, L, s in grid if m == n])) * 1e3, 3)
     fit = (fitted["a"], fitted["b"], fitted["c"])
+    # (max texts per call, cost model, max summed tokens per call)
     candidates = {
-        "old: max 16, DEFAULT_COST": (16, DEFAULT_COST),
-        "max 8, fitted": (8, fit), "max 16, fitted": (16, fit), "max 32, fitted": (32, fit),
-        "max 8, DEFAULT_COST": (8, DEFAULT_COST),
+        "old: max 16, DEFAULT_COST": (16, DEFAULT_COST, None),
+        "max 16, fitted": (16, fit, None), "max 8, DEFAULT_COST": (8, DEFAULT_COST, None),
+        "max 16, DEFAULT_COST, 512 tokens": (16, DEFAULT_COST, 512),
+        "max 32, DEFAULT_COST, 512 tokens": (32, DEFAULT_COST, 512),
+        "max 32, DEFAULT_COST, 1024 tokens": (32, DEFAULT_COST, 1024),
     }
     rng = random.Random(5)
     corpus = get_corpus(6000, seed=13)
@@ -234,7 +237,7 @@ def cost(rounds: int, seconds: float) -> dict:
     batches = [rng.sample(corpus, 32) for _ in range(60)]
     served = backend  # the served layout: 2 encoder threads calling one 1-thread session
 
-    def run(max_size, cost_model) -> float:
+    def run(max_size, cost_model, max_tokens) -> tuple[float, float]:
         it, lock = iter(batches), threading.Lock()
 
         def worker():
@@ -244,7 +247,7 @@ def cost(rounds: int, seconds: float) -> dict:
                 if batch is None:
                     return
                 served.count_tokens(batch)  # as the request threads do before queueing
-                for g in plan_groups([counts[t] for t in batch], max_size=max_size, max_tokens=None,
+                for g in plan_groups([counts[t] for t in batch], max_size=max_size, max_tokens=max_tokens,
                                      cost=cost_model):
                     served.embed([batch[i] for i in g], "passage")
 
@@ -256,12 +259,12 @@ def cost(rounds: int, seconds: float) -> dict:
             t.join()
         return time.perf_counter() - start, time.process_time() - cpu0
 
-    run(16, None)  # warm every session
+    run(16, DEFAULT_COST, None)  # warm up
     wall = {k: float("inf") for k in candidates}
     cpu = dict(wall)
     for _ in range(rounds):
-        for name, (size, cm) in candidates.items():
-            w, c = run(size, cm)
+        for name, (size, cm, mt) in candidates.items():
+            w, c = run(size, cm, mt)
             wall[name], cpu[name] = min(wall[name], w), min(cpu[name], c)
     total = sum(len(b) for b in batches)
     out["served_batches"] = {"batches": len(batches), "texts": total, "encoder_threads": 2,
