@@ -12,8 +12,13 @@ In one run, on one machine, with the bundled all-MiniLM-L6-v2 on ONNX Runtime:
    a repeating pool with the default config (memory cache on, so hits); and the
    RSS and PSS of the whole process tree (master, workers, engine).
 
-The 32-client loads run as several ``loadgen.py`` processes (``--client-procs``)
-whose rates are summed, so one Python client's GIL does not cap the rate.
+Clients (``--client``): ``wrk`` (default when installed, bench/wrkload.py) costs
+the 2-core machine almost no CPU, so the server gets what a remote Weaviate
+would leave it; ``loadgen`` runs several ``loadgen.py`` processes
+(``--client-procs``), the byte-exact Go imitation that checks every vector,
+whose own CPU use competes with the server's. The lone client sends the same
+texts, in the same order, as the raw batch-1 latency measures, and every
+32-client run without cache draws from the corpus the raw rate is taken on.
 
 Run it alone: ``flock /tmp/vecshim-bench.lock .venv/bin/python bench/engine.py --json-out FILE``.
 """
@@ -31,8 +36,11 @@ from pathlib import Path
 from benchlib import embed_chunks, machine_info, percentile
 from corpus import get_corpus
 from run_all import REPO, free_port, run_json, start_server, stop_server, wait_ready
+from wrkload import available as wrk_available, run_wrk
 
-LAYOUTS = ("1:off", "1:on", "2:on", "4:on")
+LAYOUTS = ("1:off", "2:on", "4:on")
+SEED_32 = 7     # corpus seed of the raw rate and of every 32-client cache-off run
+SEED_1 = 4242   # corpus seed of the raw batch-1 latency and of every 1-client run
 
 
 def loadavg() -> str:
@@ -54,7 +62,7 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def raw(texts: list[str], cpus: int) -> dict:
+def raw(texts: list[str], cpus: int, lone_texts: list[str]) -> dict:
     """Throughput of the served layout at several chunk sizes, and all-cores batch-1 latency."""
     out: dict = {}
     backend = _backend(cpus, 1)
@@ -74,7 +82,7 @@ def raw(texts: list[str], cpus: int) -> dict:
     for t in texts[:20]:
         lone.embed([t], "passage")
     lat = []
-    for t in texts[:300]:
+    for t in lone_texts:
         start = time.perf_counter()
         lone.embed([t], "passage")
         lat.append((time.perf_counter() - start) * 1000)
@@ -107,8 +115,10 @@ def tree_memory(pid: int) -> dict:
     return {"processes": len(procs), "rss_mib": round(rss / 1024, 1), "pss_mib": round(pss / 1024, 1)}
 
 
-def load(url: str, clients: int, procs: int, duration: float, corpus: str, seed: int) -> dict:
-    """`clients` spread over `procs` loadgen processes; rates summed, latencies of the first reported."""
+def load(url: str, clients: int, procs: int, duration: float, corpus: str, seed: int, client: str = "wrk") -> dict:
+    """`clients` over wrk, or spread over `procs` loadgen processes (rates summed, latencies of the first)."""
+    if client == "wrk":
+        return run_wrk(url, clients, duration, corpus=corpus, seed=seed)
     procs = max(1, min(procs, clients))
     per = [clients // procs + (i < clients % procs) for i in range(procs)]
     args = ["--url", url, "--duration", str(duration), "--corpus", corpus]
@@ -123,7 +133,7 @@ def load(url: str, clients: int, procs: int, duration: float, corpus: str, seed:
             "client_cpu_s": round(sum(r["client_cpu_s"] for r in reports), 2)}
 
 
-def served(layout: str, folder: Path, duration: float, procs: int, seed: int) -> dict:
+def served(layout: str, folder: Path, duration: float, procs: int, seed: int, client: str) -> dict:
     workers, engine = layout.split(":")
     out: dict = {"workers": int(workers), "engine": engine}
     off = folder / "cache-off.json"
@@ -140,12 +150,12 @@ def served(layout: str, folder: Path, duration: float, procs: int, seed: int) ->
             time.sleep(1.0)
             out[f"{phase}_loadavg_before"] = loadavg()
             if phase == "cache_off":
-                out["c32_miss"] = load(url, 32, procs, duration, "unique", seed)
-                out["c1_miss"] = load(url, 1, 1, duration, "unique", seed + 100)
+                out["c32_miss"] = load(url, 32, procs, duration, "unique", SEED_32, client)
+                out["c1_miss"] = load(url, 1, 1, duration, "unique", SEED_1, client)
                 out["memory_after_misses"] = tree_memory(proc.pid)
             else:
-                load(url, 32, procs, 3, "repeat", seed + 200)  # fill the cache (every worker's)
-                out["c32_hit"] = load(url, 32, procs, duration, "repeat", seed + 200)
+                load(url, 32, procs, 3, "repeat", seed + 200, client)  # fill the cache (every worker's)
+                out["c32_hit"] = load(url, 32, procs, duration, "repeat", seed + 200, client)
                 out["memory_default"] = tree_memory(proc.pid)
             out[f"{phase}_loadavg_after"] = loadavg()
         finally:
@@ -161,7 +171,8 @@ def markdown(report: dict) -> str:
     lines = [f"raw, backend `embed()`, length-sorted, {report['cpus']} encoder threads x 1 intra-op thread: "
              + ", ".join(f"{k.replace('_', ' ')} {v['texts_per_s']} texts/s" for k, v in raw.items()
                          if k.startswith("batch_"))
-             + f"; all-cores batch-1 latency p50 {lat1} ms", "",
+             + f"; all-cores batch-1 latency p50 {lat1} ms (the lone client's texts)",
+             f"client: {report.get('client', 'loadgen')}", "",
              "| layout | 32 clients, cache off | vs raw best | 1 client p50 (cache off) | vs raw batch-1 | "
              "32 clients, cache hits | RSS sum / PSS sum (default config, after hits) | processes |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -179,7 +190,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=10.0)
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="WORKERS:ENGINE,... (engine on|off)")
-    p.add_argument("--client-procs", type=int, default=4)
+    p.add_argument("--client", choices=("wrk", "loadgen"), default="wrk" if wrk_available() else "loadgen")
+    p.add_argument("--client-procs", type=int, default=4, help="loadgen processes for 32 clients")
     p.add_argument("--n", type=int, default=1000, help="raw corpus size")
     p.add_argument("--skip-raw", action="store_true")
     p.add_argument("--json-out", default=None)
@@ -190,13 +202,15 @@ def main() -> None:
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cpus = len(os.sched_getaffinity(0))
-    report: dict = {"machine": machine_info(), "loadavg_start": loadavg(), "cpus": cpus, "layouts": {}}
+    report: dict = {"machine": machine_info(), "loadavg_start": loadavg(), "cpus": cpus, "client": args.client,
+                    "layouts": {}}
     if not args.skip_raw:
-        report["raw"] = raw(get_corpus(args.n, seed=7), cpus)
+        report["raw"] = raw(get_corpus(args.n, seed=SEED_32), cpus, get_corpus(1000, seed=SEED_1))
         print(json.dumps({"raw": report["raw"]}), file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="vecshim-bench-engine-") as tmp:
         for i, layout in enumerate(args.layouts.split(",")):
-            report["layouts"][layout] = served(layout, Path(tmp), args.duration, args.client_procs, 1000 * (i + 1))
+            report["layouts"][layout] = served(layout, Path(tmp), args.duration, args.client_procs, 1000 * (i + 1),
+                                               args.client)
             print(json.dumps({layout: report["layouts"][layout]}), file=sys.stderr, flush=True)
     report["loadavg_end"] = loadavg()
     text = json.dumps(report, indent=1)

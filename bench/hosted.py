@@ -54,8 +54,19 @@ class CountingFake(FakeOpenAI):
         with self._lock:
             requests = list(self._requests)
             limited = self.limited
-        return {"calls": len(requests), "limited": limited,
+        return {"calls": len(requests), "limited": limited, "requests": requests,
                 "texts_sent": sum(len(r.body.get("input", [])) for r in requests if isinstance(r.body, dict))}
+
+
+def call_shape(requests: list, latency_s: float) -> dict:
+    """Texts per upstream call (median, max) and the share of calls that began while
+    another was still in flight (began less than the fake's latency after the previous one)."""
+    sizes = sorted(len(r.body.get("input", [])) for r in requests if isinstance(r.body, dict))
+    starts = sorted(r.at for r in requests)
+    overlapping = sum(1 for a, b in zip(starts, starts[1:]) if b - a < latency_s)
+    return {"texts_per_call_p50": sizes[len(sizes) // 2] if sizes else None,
+            "texts_per_call_max": sizes[-1] if sizes else None,
+            "calls_overlapping_share": round(overlapping / max(1, len(starts) - 1), 3)}
 
 
 def model_config(fake: FakeOpenAI, args, *, batched: bool) -> dict:
@@ -99,8 +110,23 @@ def start_server(config: dict, workdir: Path, name: str, args) -> tuple[subproce
 
 
 def load(url: str, args, *, seconds: float, requests: int | None, seed: int) -> dict:
-    """Run loadgen.py in its own process (its client threads then don't share the
-    fake upstream's GIL): Weaviate protocol, unique texts (no cache hits), passages."""
+    """Drive `url` with `--concurrency` Weaviate-style clients sending unique texts (no cache hits).
+
+    `--client loadgen` (default): loadgen.py in its own process (its client
+    threads then don't share the fake upstream's GIL), byte-faithful Go
+    requests, every vector checked. `--client wrk`: wrk (bench/wrkload.py),
+    which costs the 2-core machine almost no CPU, so the server gets it;
+    replies are checked for status 200 and a vector field only.
+    """
+    if args.client == "wrk":
+        from wrkload import run_wrk
+
+        rep = run_wrk(url, args.concurrency, seconds if requests is None else min(seconds, 3.0),
+                      corpus="unique", seed=seed, timeout_s=50)
+        rep.update({"ok": round(rep["texts_per_s"] * rep["seconds"]),
+                    "error_kinds": {"wrk_errors": rep["errors"]} if rep["errors"] else {},
+                    "error_samples": []})
+        return rep
     argv = ["--url", url, "--concurrency", str(args.concurrency), "--duration", str(seconds),
             "--warmup", "0", "--seed", str(seed), "--timeout", "50"]
     if requests:
@@ -136,6 +162,7 @@ def run_one(name: str, fake: CountingFake, args, workdir: Path, seed: int) -> di
         "upstream_calls_per_s": round(calls / report["seconds"], 1),
         "upstream_calls_per_text": round(calls / served, 4) if served else None,
         "texts_per_upstream_call": round(served / calls, 1) if calls else None,
+        **call_shape(after["requests"][before["calls"]:], args.latency_ms / 1000),
         "batch": config["models"]["hosted"].get("batch", "defaults"),
         "retry": config["models"]["hosted"].get("retry", "defaults"),
     })
@@ -160,13 +187,15 @@ def versions() -> dict:
 
 
 def _print(result: dict) -> None:
+    print(f"client: {result['client']}")
     for rep in result["runs"]:
         print(f"{rep['config']:9s} {rep['texts_per_s']:8.1f} texts/s  p50 {rep['p50_ms']} ms  "
               f"p95 {rep['p95_ms']} ms  p99 {rep['p99_ms']} ms  client errors {rep['errors']} "
               f"{rep['error_kinds'] or ''}")
         print(f"          upstream: {rep['upstream_calls']} calls ({rep['upstream_429']} answered 429), "
               f"{rep['upstream_calls_per_s']} calls/s, {rep['upstream_calls_per_text']} calls/text "
-              f"({rep['texts_per_upstream_call']} texts/call)  batch {rep['batch']}")
+              f"({rep['texts_per_upstream_call']} texts/call, p50 {rep['texts_per_call_p50']}, "
+              f"max {rep['texts_per_call_max']}, {rep['calls_overlapping_share']} of calls overlapping)")
         for sample in rep["error_samples"]:
             print(f"          error: {sample}")
     if "ratio" in result:
@@ -194,11 +223,13 @@ def main() -> None:
     p.add_argument("--no-limit-headers", action="store_true", help="the fake sends no x-ratelimit-* headers")
     p.add_argument("--only", choices=("batched", "baseline", "ceiling"), action="append",
                    help="run only these configurations (repeatable)")
+    p.add_argument("--client", choices=("loadgen", "wrk"), default="loadgen",
+                   help="load generator: loadgen.py (Go-faithful, checks vectors) or wrk (lean, ~0 client CPU)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args()
 
     names = args.only or ["batched", "baseline"]
-    result: dict = {"machine": versions(), "runs": []}
+    result: dict = {"machine": versions(), "client": args.client, "runs": []}
     with CountingFake(dim=args.dim, api_key=KEY, latency_s=args.latency_ms / 1000,
                       rate_limit=args.rate_limit, retry_after=args.retry_after or None,
                       send_limits=not args.no_limit_headers) as fake, \

@@ -3,18 +3,21 @@
     VECSHIM_CONFIG=/etc/vecshim/config.yaml \\
         gunicorn -c deploy/gunicorn.conf.py 'vecshim.app:create_app()'
 
-`--workers` defaults to 1 here (right for a local model on CPU; use 2+ for
-hosted backends). Models load in each worker after fork (no preload).
+The same process model as `vecshim serve`: one HTTP worker per CPU (at least 2) plus one engine
+process, started and supervised by the gunicorn master (the hooks below), that
+holds the models and rerankers once. `VECSHIM_ENGINE` (auto|on|off) and
+`VECSHIM_WORKERS` (or `-w`) choose it as `--engine` and `--workers` do: with
+one worker, `auto` keeps the models inside that worker.
 """
 import os
 
-from vecshim.server import DEFAULTS, HOOKS, logconfig_for, prepare_metrics_dir, remove_metrics_dir
+from vecshim.server import DEFAULT_WORKERS, DEFAULTS, HOOKS, logconfig_for, prepare_metrics_dir, remove_metrics_dir
 
 # Before any worker imports prometheus_client: one folder shared by all workers.
 _metrics_dir = prepare_metrics_dir()
 
 bind = os.environ.get("VECSHIM_BIND", DEFAULTS["bind"])
-workers = int(os.environ.get("VECSHIM_WORKERS", "1"))
+workers = int(os.environ.get("VECSHIM_WORKERS", str(DEFAULT_WORKERS)))
 worker_class = DEFAULTS["worker_class"]
 threads = DEFAULTS["threads"]
 keepalive = DEFAULTS["keepalive"]          # above Go's 90 s idle reuse
@@ -33,8 +36,11 @@ post_fork = HOOKS["post_fork"]
 post_worker_init = HOOKS["post_worker_init"]
 worker_exit = HOOKS["worker_exit"]
 child_exit = HOOKS["child_exit"]
+on_starting = HOOKS["on_starting"]         # starts the engine before the first worker
+on_reload = HOOKS["on_reload"]             # HUP: a new engine, ready, before the new workers
 
 
 def on_exit(server):
-    """Remove the metrics folder this config created."""
+    """After the workers drained: stop the engine, then remove the metrics folder this config created."""
+    HOOKS["on_exit"](server)
     remove_metrics_dir(_metrics_dir)

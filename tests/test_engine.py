@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -11,10 +12,13 @@ import numpy as np
 import pytest
 import yaml
 
+from conftest import VENV_BIN, free_port, wait_http
 from goclient import GoClient
 from test_production import fake_model, metric, start, stop
+from vecshim.server import DEFAULT_WORKERS
 
 pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def children(pid: int) -> list[int]:
@@ -237,3 +241,49 @@ def test_one_worker_keeps_the_models_in_process(tmp_path):
         assert len(children(proc.pid)) == 1
     finally:
         stop(proc)
+
+
+def test_plain_gunicorn_with_the_shipped_config_runs_the_engine(tmp_path):
+    """`gunicorn -c deploy/gunicorn.conf.py 'vecshim.app:create_app()'`: the default workers, one engine, one model copy;
+    HUP swaps the engine (gunicorn re-reads the config file), SIGTERM stops it."""
+    (tmp_path / "vecshim.yaml").write_text(yaml.safe_dump({"models": {"minilm": {"backend": "sentence-transformers"}}}))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "VECSHIM_WORKERS",
+                                                            "VECSHIM_ENGINE")}
+    env.update(VECSHIM_CONFIG="vecshim.yaml", VECSHIM_BIND=f"127.0.0.1:{port}", HF_HUB_OFFLINE="1")
+    log = open(tmp_path / "gunicorn.log", "wb")
+    proc = subprocess.Popen([str(VENV_BIN / "gunicorn"), "-c", str(ROOT / "deploy" / "gunicorn.conf.py"),
+                             "vecshim.app:create_app()"], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/.well-known/ready", 180, proc=proc)
+        info = meta(port)
+        engine = info["engine"]["pid"]
+        assert info["engine"]["mode"] == "engine" and info["engine"]["up"] is True
+        assert info["model"]["state"] == "ready"
+        kids = children(proc.pid)
+        assert engine in kids and len(kids) == DEFAULT_WORKERS + 1
+        assert [pid for pid in kids if maps_onnxruntime(pid)] == [engine]
+        c = GoClient("127.0.0.1", port)
+        assert len(c.vectors("plain gunicorn").json()["vector"]) == 384
+        c.close()
+
+        proc.send_signal(signal.SIGHUP)
+        swapped = wait_for(lambda: meta(port)["engine"]["pid"] not in (None, engine), 120, 0.2)
+        assert swapped, "HUP did not start a new engine"
+        assert wait_for(lambda: not alive(engine), 60, 0.2), "the old engine kept running"
+        new = meta(port)["engine"]["pid"]
+        assert [pid for pid in children(proc.pid) if maps_onnxruntime(pid)] == [new]
+        c = GoClient("127.0.0.1", port)
+        assert c.vectors("after the reload").status == 200
+        c.close()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            code = proc.wait()
+        log.close()
+    assert code == 0
+    assert not alive(new)

@@ -322,6 +322,77 @@ def test_pipelined_requests_are_all_answered_in_order(server):
         s.close()
 
 
+def _reply_text(s: socket.socket) -> str:
+    status, _, body, closed = read_reply(s)
+    assert status == 200 and not closed, body
+    return json.loads(body)["text"]
+
+
+def test_a_kept_alive_connection_gets_every_next_request_whole_split_or_late(server):
+    """The thread that answered waits briefly for the next request: each way it can arrive is served."""
+    s = connect(server.port)
+    try:
+        s.sendall(request_bytes(vec_request("first")))
+        assert _reply_text(s) == "first"
+        s.sendall(request_bytes(vec_request("at once")))  # whole, right after the reply
+        assert _reply_text(s) == "at once"
+        split = request_bytes(vec_request("in two parts"))
+        s.sendall(split[:20])  # partial: the rest arrives after the thread gave up waiting
+        time.sleep(0.3)
+        s.sendall(split[20:])
+        assert _reply_text(s) == "in two parts"
+        time.sleep(0.3)  # back in the poller, idle
+        s.sendall(request_bytes(vec_request("after a pause")))
+        assert _reply_text(s) == "after a pause"
+        s.sendall(CHUNKED_HEAD + chunked(vec_request("chunked next")))
+        assert _reply_text(s) == "chunked next"
+    finally:
+        s.close()
+
+
+@pytest.mark.parametrize("bad, status", [
+    (b"POST /vectors HTTP/1.1\r\nHost: x\r\nContent-Length: 5000000\r\n\r\n{", 413),
+    (b"POST /vectors HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n", 400),
+], ids=["over-limit", "malformed"])
+def test_a_bad_next_request_on_a_kept_alive_connection_gets_its_json_error(server, bad, status):
+    s = connect(server.port)
+    try:
+        s.sendall(request_bytes(vec_request("good")))
+        assert _reply_text(s) == "good"
+        s.sendall(bad)
+        got, headers, body, closed = read_reply(s)
+        assert got == status and headers["content-type"] == "application/json" and json.loads(body)["error"]
+        assert closed
+    finally:
+        s.close()
+
+
+def test_a_next_request_that_stalls_gets_the_408_deadline(quick):
+    s = connect(quick.port)
+    try:
+        s.sendall(request_bytes(vec_request("good")))
+        assert _reply_text(s) == "good"
+        s.sendall(b"POST /vectors HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"text\":")
+        status, headers, body, closed = read_reply(s)
+        assert status == 408 and "server.read_timeout_s" in json.loads(body)["error"] and closed
+    finally:
+        s.close()
+
+
+def test_a_client_that_closes_after_its_reply_frees_the_connection(quick):
+    for i in range(20):  # more than a pool's worth of lingering would leak if a close were missed
+        s = connect(quick.port)
+        s.sendall(request_bytes(vec_request(f"bye {i}")))
+        assert _reply_text(s) == f"bye {i}"
+        s.close()
+    s = connect(quick.port)
+    try:
+        s.sendall(request_bytes(vec_request("still served")))
+        assert _reply_text(s) == "still served"
+    finally:
+        s.close()
+
+
 def test_expect_100_continue_gets_one_interim_reply_then_the_answer(server):
     body = vec_request("sent after 100 Continue")
     s = connect(server.port)

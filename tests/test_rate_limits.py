@@ -362,6 +362,43 @@ def test_a_lone_text_on_an_idle_upstream_goes_at_once_despite_max_wait():
         b.close(5)
 
 
+def test_texts_arriving_while_a_call_is_in_flight_wait_for_it_and_leave_together():
+    # The upstream always has room once open, yet texts that arrive one by one while a
+    # call is in flight must not go out in concurrent small calls: they wait for that
+    # call (at most one observed call duration, here about 3 s) and leave as one.
+    gate, calls, release = _Gate(), [], threading.Event()
+
+    def embed(texts, key):
+        calls.append(list(texts))
+        release.wait(30)
+        return [[1.0]] * len(texts)
+    b = Batcher("g", embed, max_size=64, max_wait_ms=0, workers=4, max_queue=100, gate=gate)
+    try:
+        burst = b.submit([f"b{i}" for i in range(12)], [1] * 12, None)
+        gate.set()  # 12 texts outstanding in one call: what a full call holds here
+        time.sleep(3.0)  # the call lasts ~3 s: the hold's bound
+        release.set()
+        b.wait(burst, 10)
+        time.sleep(3.5)  # longer than a call: the upstream is idle again
+        release.clear()
+        lone = b.submit(["lone"], [1], None)
+        deadline = time.monotonic() + 10
+        while len(calls) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert calls[1:] == [["lone"]]  # an idle upstream: a lone text went at once
+        items = [b.submit([f"t{i}"], [1], None) for i in range(10)]  # one at a time, 3 idle workers
+        time.sleep(0.3)
+        assert len(calls) == 2  # none left while "lone" was in flight
+        release.set()
+        b.wait(lone, 10)
+        for f in items:
+            b.wait(f, 10)
+        assert calls[2:] == [[f"t{i}" for i in range(10)]]  # together, in one call
+    finally:
+        release.set()
+        b.close(5)
+
+
 def test_a_limit_nobody_announced_is_inferred_from_429s_and_probed_upwards():
     b = Budget("quiet", "up", BudgetConfig(), redis_url=None, local_dir=None)
     b.rate_limited()

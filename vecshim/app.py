@@ -261,14 +261,18 @@ def create_app(config: Config | dict | str | os.PathLike | None = None, *, plugi
     stats = stats if stats is not None else Stats()
     cache = build_cache(cfg.cache, on_redis_error=stats.redis_error, on_reject=stats.cache_reject)
     link = None
+    if engine_socket is None:  # a worker of plain gunicorn whose master runs an engine
+        from .engine.supervisor import worker_socket
+        engine_socket = worker_socket()
     if engine_socket:
-        from .engine.proxy import EngineLink, RemoteModel
+        from .engine.proxy import EngineLink, RemoteModel, RemoteRanker
         models = build_models(cfg, registry, cache, stats, model_cls=RemoteModel)
+        # The engine serves the rerankers that hold weights or clients; those that only
+        # embed through a model (bi-encoder) stay here, beside the models' cache.
+        rankers = build_rankers(cfg, registry, models, stats, engine_cls=RemoteRanker)
     else:
         models = build_models(cfg, registry, cache, stats)
-    # Rerankers stay in the HTTP workers (one copy per worker); those that embed through a
-    # model reach it like any request does (through the engine when there is one).
-    rankers = build_rankers(cfg, registry, models, stats)
+        rankers = build_rankers(cfg, registry, models, stats)
 
     app = Flask("vecshim")
     app.config["MAX_CONTENT_LENGTH"] = int(cfg.server.max_request_mb * 1024 * 1024)
@@ -276,13 +280,17 @@ def create_app(config: Config | dict | str | os.PathLike | None = None, *, plugi
     app.url_map.merge_slashes = False
     app.wsgi_app = _PathFix(app.wsgi_app)
     if engine_socket:
+        remote_rankers = {n: r for n, r in rankers.items() if isinstance(r, RemoteRanker)}
+
         def on_facts(facts):
             for name, m in models.items():
                 m.apply(facts["models"].get(name) if facts else None,
                         facts.get("poolings", {}).get(name) if facts else None)
+            for name, r in remote_rankers.items():
+                r.apply(facts.get("rerankers", {}).get(name) if facts else None)
             state.render_meta()
         link = EngineLink(engine_socket, on_facts)
-        for m in models.values():
+        for m in [*models.values(), *remote_rankers.values()]:
             m.link = link
         state = State(cfg, pm, registry, models, cache, stats, rerankers=rankers, engine_info=link.info)
     else:

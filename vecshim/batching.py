@@ -33,6 +33,8 @@ caller_gone: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.Con
 GONE_POLL_S = 0.5
 
 log = logging.getLogger("vecshim.batching")
+#: Gate: how many recent calls' outstanding texts (queued + in flight) make a full call.
+PEAK_TAKES = 8
 
 
 def _is_transient(err: BaseException) -> bool:
@@ -95,7 +97,11 @@ class Batcher:
     a time asks `gate.admit()` for the next call's slot, sleeps until it and
     then takes everything queued (up to `max_size`), so texts pile up while
     calls are in flight or the upstream pushes back, and a lone text on an
-    idle upstream goes at once. `gate.subscribe(fn)` wakes workers when a call ends.
+    idle upstream goes at once. Before asking, a worker holds the queue (see
+    `_hold_locked`) while a call is in flight, or one has just ended, and fewer
+    texts are queued than recent calls had outstanding: one call carrying
+    everything beats two concurrent half-full ones when the upstream counts
+    calls. `gate.subscribe(fn)` wakes workers when a call ends.
     """
 
     def __init__(self, name: str, embed_fn: Callable[[list, Hashable], Sequence], *,
@@ -124,6 +130,10 @@ class Batcher:
         self.thread_init = thread_init
         self.gate = gate
         self._admitting = False  # a worker holds the gate's next slot
+        self._calls_out = 0       # gate: batches taken and not yet done
+        self._call_s: float | None = None  # gate: EWMA of a batch's seconds
+        self._last_end = 0.0      # gate: when the last batch ended
+        self._peaks: collections.deque[int] = collections.deque(maxlen=PEAK_TAKES)
         self._jobs: collections.deque[_Job] = collections.deque()
         self._queued = 0          # texts waiting (not yet taken)
         self._queued_tokens = 0
@@ -293,11 +303,40 @@ class Batcher:
         with self._cond:
             self._cond.notify_all()
 
+    def _hold_locked(self, now: float) -> float:
+        """Gate: seconds to keep gathering before asking for the next call's slot (0: ask now).
+
+        A full call is as many texts as recent calls had outstanding (queued
+        or in flight when they left), capped by the per-call limit. With
+        fewer queued: while a call is in flight, hold until the oldest text
+        has waited one observed call duration (its company is likely in that
+        call and comes back when it returns); when the last call ended less
+        than one call duration ago, hold until then (its texts' senders are
+        sending again). An idle upstream, a first call, or a queue that
+        holds a full call go at once.
+        """
+        if self._call_s is None or not self._peaks:
+            return 0.0
+        full = min(self.call_max_size, max(self._peaks))
+        if self._queued >= full:
+            return 0.0
+        if self._calls_out:
+            until = self._jobs[0].enqueued + self._call_s
+        else:
+            until = self._last_end + self._call_s
+        return max(0.0, until - now)
+
     def _await_gate(self) -> None:
         """Become the one worker holding the next call's slot, and wait until it comes."""
         with self._cond:
-            while (not self._jobs or self._admitting) and not self._closed:
-                self._cond.wait()
+            while not self._closed:
+                if self._jobs and not self._admitting:
+                    hold = self._hold_locked(time.monotonic())
+                    if hold <= 0:
+                        break
+                    self._cond.wait(hold)
+                else:
+                    self._cond.wait()
             if self._closed:
                 return
             self._admitting = True
@@ -340,6 +379,9 @@ class Batcher:
                         return []
             expired = self._expire_locked(time.monotonic())
             batch = self._round_robin() if self._jobs else []
+            if self.gate is not None and batch:
+                self._peaks.append(self._busy + len(batch) + self._queued)
+                self._calls_out += 1
             self._busy += len(batch)
             self._last_size = len(batch)
             if self._jobs:
@@ -352,6 +394,11 @@ class Batcher:
         if self.on_depth:
             self.on_depth(depth)
         return batch
+
+    def _gate_done_locked(self, seconds: float) -> None:
+        self._calls_out -= 1
+        self._last_end = time.monotonic()
+        self._call_s = seconds if self._call_s is None else 0.8 * self._call_s + 0.2 * seconds
 
     def _round_robin(self) -> list[_Unit]:
         """One text from each waiting request of the first request's key, in turn.
@@ -395,9 +442,9 @@ class Batcher:
             batch = self._take()
             if batch is None:
                 return
+            start = time.monotonic()
             try:
                 if batch:
-                    start = time.monotonic()
                     wait = start - min(u.job.enqueued for u in batch)
                     groups = plan_groups([u.tokens for u in batch], max_size=self.call_max_size,
                                          max_tokens=self.max_batch_tokens, cost=self.cost)
@@ -413,6 +460,8 @@ class Batcher:
             finally:
                 with self._cond:
                     self._busy -= len(batch)
+                    if self.gate is not None and batch:
+                        self._gate_done_locked(time.monotonic() - start)
                     self._cond.notify_all()
                     me = threading.get_ident()
                     if me in self._stuck:  # a replacement took over while this call hung

@@ -36,8 +36,13 @@ def bind_models(name: str, reranker: Reranker, models: Mapping[str, Any]) -> Non
         raise ConfigError(f"rerankers.{name}.{err.message}") from None
 
 
-def build_rankers(config, registry, models: Mapping[str, Any], stats=None) -> dict[str, Ranker]:
-    """Build every configured reranker (no loading); option and model references fail here."""
+def build_rankers(config, registry, models: Mapping[str, Any], stats=None,
+                  engine_cls: type[Ranker] | None = None) -> dict[str, Ranker]:
+    """Build every configured reranker (no loading); option and model references fail here.
+
+    With `engine_cls` (an HTTP worker beside an engine), rerankers the engine
+    serves (`Ranker.in_engine`) are built as that class instead.
+    """
     rankers: dict[str, Ranker] = {}
     for name, rcfg in (config.rerankers or {}).items():
         try:
@@ -46,7 +51,10 @@ def build_rankers(config, registry, models: Mapping[str, Any], stats=None) -> di
             raise ConfigError(f"rerankers.{name}.backend: {err.message}") from None
         reranker = build_reranker(name, rcfg, cls)
         bind_models(name, reranker, models)
-        rankers[name] = Ranker(name, rcfg, reranker, stats=stats)
+        ranker = Ranker(name, rcfg, reranker, stats=stats)
+        if engine_cls is not None and ranker.in_engine:
+            ranker = engine_cls(name, rcfg, reranker, stats=stats)
+        rankers[name] = ranker
     for name, r in rankers.items():
         r.fallbacks = [rankers[f] for f in r.cfg.fallbacks]
         for fb in r.fallbacks:
@@ -107,6 +115,12 @@ class Ranker:
             "fallbacks": list(self.cfg.fallbacks),
             "aliases": list(self.cfg.aliases),
         }
+
+    @property
+    def in_engine(self) -> bool:
+        """Served by the replica's engine when there is one. A reranker that only calls configured
+        models (`delegates`) stays in the HTTP workers, beside those models' vector cache."""
+        return not self.backend.delegates
 
     # -- lifecycle ------------------------------------------------------
     @property

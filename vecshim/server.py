@@ -20,6 +20,7 @@ from pathlib import Path
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 
+from .backends.local import available_cpus
 from .errors import ConfigError
 
 __all__ = ["DEFAULTS", "DEFAULT_WORKERS", "VecshimServer", "check_models", "default_workers", "use_engine",
@@ -27,8 +28,10 @@ __all__ = ["DEFAULTS", "DEFAULT_WORKERS", "VecshimServer", "check_models", "defa
 
 log = logging.getLogger("vecshim.server")
 
-#: HTTP workers of `vecshim serve` (bench/RESULTS.md "Issue 18").
-DEFAULT_WORKERS = 4
+#: HTTP workers of `vecshim serve`: one per usable CPU, at least 2 (bench/RESULTS.md
+#: "Issue 18": on 2 CPUs, 2 workers served more cache hits and misses than 4, which
+#: spend the CPUs switching between processes).
+DEFAULT_WORKERS = max(2, available_cpus())
 
 #: Settings `vecshim serve` passes to gunicorn (see docs/operations.md).
 DEFAULTS = {
@@ -76,16 +79,9 @@ def check_models(config, base_dir: Path | None = None):
 def default_workers(config, registry) -> int:
     """HTTP workers when not set: see docs/operations.md "Process model" for the measurements.
 
-    With an engine the models load once whatever the count, so workers only
-    parse, check the cache and render. Rerankers still load in each worker:
-    with one that holds weights in-process (a cross-encoder), one worker.
+    With an engine the models and rerankers load once whatever the count, so
+    workers only parse, check the cache and render.
     """
-    for rcfg in (config.rerankers or {}).values():
-        try:
-            if registry.get_reranker(rcfg.backend).in_process:
-                return 1
-        except (ConfigError, AttributeError):
-            continue
     return DEFAULT_WORKERS
 
 
@@ -179,12 +175,14 @@ def child_exit(server, worker):
 def prepare_metrics_dir() -> str | None:
     """Give the workers one shared metrics folder (must exist before any worker imports prometheus_client).
 
-    Returns the folder we created (to remove on exit), or None if the
-    operator set PROMETHEUS_MULTIPROC_DIR themselves.
+    Returns the folder this process created (to remove on exit; also when
+    called again, as gunicorn re-reads its config file on HUP), or None if
+    the operator set PROMETHEUS_MULTIPROC_DIR themselves.
     """
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.makedirs(os.environ["PROMETHEUS_MULTIPROC_DIR"], exist_ok=True)
-        return None
+        path = os.environ["PROMETHEUS_MULTIPROC_DIR"]
+        os.makedirs(path, exist_ok=True)
+        return path if _metrics_owner.get(path) == os.getpid() else None
     path = tempfile.mkdtemp(prefix="vecshim-metrics-")
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
     _metrics_owner[path] = os.getpid()
@@ -209,8 +207,28 @@ def _engine(server):
     return getattr(server.app, "engine", None)
 
 
+def _plain_gunicorn_engine(server):
+    """The engine of `gunicorn -c deploy/gunicorn.conf.py`: `$VECSHIM_ENGINE` (auto|on|off) as `--engine`."""
+    mode = os.environ.get("VECSHIM_ENGINE", "auto")
+    if mode not in ("auto", "on", "off"):
+        raise ConfigError(f"VECSHIM_ENGINE={mode!r}: expected auto, on or off")
+    if not use_engine(mode, server.cfg.workers):
+        return None
+    from .engine.supervisor import EngineSupervisor
+
+    path = os.environ.get("VECSHIM_CONFIG")
+    return EngineSupervisor(os.path.abspath(path) if path else None)
+
+
 def on_starting(server):
-    """Start the engine before the first worker forks."""
+    """Start the engine before the first worker forks.
+
+    Under plain gunicorn (the app is `vecshim.app:create_app()`, not
+    VecshimServer) the engine is decided here; workers find it through
+    `vecshim.engine.supervisor.worker_socket()`.
+    """
+    if not hasattr(server.app, "engine"):
+        server.app.engine = _plain_gunicorn_engine(server)
     engine = _engine(server)
     if engine is not None:
         engine.start(server)

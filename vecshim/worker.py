@@ -8,6 +8,13 @@ per-read and a total deadline and a size limit, and only a fully buffered
 request reaches the pool, where gunicorn's parser reads it from memory.
 Idle keep-alive connections wait in the poller, never in a thread.
 
+A thread that has just answered a kept-alive connection waits a moment
+(`NEXT_REQUEST_WAIT_S`) for that client's next request and, if it arrives
+whole at once, serves it without the round trip through the loop (which costs
+more than the request itself on a cache hit). Anything partial, malformed or
+late goes back to the loop, so deadlines and limits stay the loop's. Threads
+linger only while at least half the pool is free.
+
 Replies the loop sends itself (then closes the connection):
 408 a read deadline passed, 413 the body is over `server.max_request_mb`
 (Content-Length or chunked; the rest is not read), 400 malformed framing,
@@ -39,6 +46,9 @@ access = logging.getLogger("vecshim.access")
 #: After an error reply, how long and how much we keep discarding input so
 #: the client reads the reply instead of a connection reset.
 LINGER_S, LINGER_BYTES = 2.0, 1 << 20
+#: How long a thread waits for a kept-alive client's next request before
+#: handing the connection back to the loop.
+NEXT_REQUEST_WAIT_S = 0.02
 
 
 class _Reading:
@@ -72,6 +82,7 @@ class VecshimWorker(ThreadWorker):
         self._lingering: dict = {}  # sock -> (deadline, bytes discarded)
         self._limits = ReadLimits()
         self._buffered = 0  # bytes held by connections being read
+        self._in_threads = 0  # threads inside handle()
         super().init_process()
 
     def load_wsgi(self):
@@ -246,6 +257,65 @@ class VecshimWorker(ThreadWorker):
             time.sleep(0.1)
 
     # -- in the thread -------------------------------------------------------
+    def handle(self, conn):
+        self._in_threads += 1  # += on an int attribute is not atomic, but a stale count only
+        try:                   # changes whether a thread lingers, never correctness
+            keep = super().handle(conn)
+            while keep is True and self._plain() and self._may_linger():
+                nxt = self._next_request(conn)
+                if nxt is None:
+                    break  # nothing yet, or partial: the loop takes over
+                if nxt is False:
+                    return False  # the client closed the connection
+                keep = super().handle(conn)
+            return keep
+        finally:
+            self._in_threads -= 1
+
+    def _may_linger(self) -> bool:
+        return self.alive and self._in_threads * 2 <= self.cfg.threads
+
+    def _next_request(self, conn):
+        """Wait briefly for the next request; True if it was read whole, False if the client left.
+
+        None hands the connection back to the loop, with whatever was read
+        left in the parser's buffer (where `enqueue_req` picks it up).
+        """
+        if conn.parser is None or conn.parser.unreader.buf.getvalue():
+            return None  # pipelined bytes already buffered: the loop's path handles them
+        poller = select.poll()
+        poller.register(conn.sock, select.POLLIN)
+        if not poller.poll(NEXT_REQUEST_WAIT_S * 1000):
+            return None
+        framing, buf, done = Framing(self._limits), bytearray(), False
+        conn.sock.setblocking(False)
+        try:
+            while len(buf) <= self._limits.max_body:
+                try:
+                    data = conn.sock.recv(256 * 1024)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    data = b""
+                if not data:
+                    if not buf:
+                        return False
+                    break
+                buf += data
+                try:
+                    done = framing.feed(buf)
+                except FramingError:
+                    break  # the loop answers it (400/413/431) and lingers as it does
+                if done:
+                    break
+        finally:
+            conn.sock.setblocking(True)
+        conn.parser.unreader.unread(bytes(buf))
+        if not done or framing.expect_continue:
+            return None
+        conn.vecshim_continued = False
+        return True
+
     def handle_request(self, req, conn):
         if getattr(conn, "vecshim_continued", False):
             req._expected_100_continue = False  # already sent from the loop

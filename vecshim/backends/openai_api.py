@@ -150,7 +150,9 @@ class OpenAIBackend(Backend):
         try:
             raw = self._client.embeddings.with_raw_response.create(**params)
             info = read_openai_headers(raw.headers)
-            reply = raw.parse()
+            # The body read directly: the SDK's model objects cost ~0.5 ms per 256-float vector,
+            # a third of a 50 ms call at 32 texts.
+            reply = json.loads(raw.http_response.content)
         except self._openai.APIError as exc:
             error = self._map_error(exc)
         except ValueError:  # json.loads on a 2xx body that is not JSON
@@ -158,17 +160,17 @@ class OpenAIBackend(Backend):
         if error is not None:
             # Raised outside `except` so no SDK exception (which may quote the key) is chained.
             raise error
-        data = getattr(reply, "data", None)
+        data = reply.get("data") if isinstance(reply, dict) else None
         if not isinstance(data, list):
             raise BackendError("openai upstream returned a reply without a `data` list")
-        try:
-            data = sorted(data, key=lambda item: item.index)
-        except (AttributeError, TypeError):
-            raise BackendError("openai upstream returned items without a numeric `index`") from None
-        if [item.index for item in data] != list(range(len(data))):
+        indexes = [item.get("index") if isinstance(item, dict) else None for item in data]
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in indexes):
+            raise BackendError("openai upstream returned items without a numeric `index`")
+        if sorted(indexes) != list(range(len(data))):
             raise BackendError("openai upstream returned duplicate or missing indexes")
-        vectors = [getattr(item, "embedding", None) for item in data]
-        usage = getattr(getattr(reply, "usage", None), "total_tokens", None)
+        vectors = [item.get("embedding") for _, item in sorted(zip(indexes, data), key=lambda p: p[0])]
+        usage = reply.get("usage")
+        usage = usage.get("total_tokens") if isinstance(usage, dict) else None
         info.tokens_used = usage if isinstance(usage, int) and usage >= 0 else None
         return Reply(check_vectors(vectors, len(texts), self.options.dimensions, self.name), info)
 

@@ -5,8 +5,9 @@ its kind. Texts travel as one UTF-8 blob plus their byte lengths; vectors come
 back as raw float32 bytes (both ends share the machine, so its byte order), so
 neither side builds per-number Python objects.
 
-Requests:  E embed (model, task, texts) · C count tokens (model, texts) · W watch facts
-Replies:   V vectors · N token counts · F facts (JSON) · X error (JSON)
+Requests:  E embed (model, task, texts) · C count tokens (model, texts) ·
+           R rerank (reranker, query then documents) · W watch facts
+Replies:   V vectors · N token counts · S scores · F facts (JSON) · X error (JSON)
 """
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from ..errors import VecshimError
 from .. import errors as _errors
 
 __all__ = ["send", "recv", "pack_texts", "unpack_texts", "pack_vectors", "unpack_vectors",
-           "pack_error", "unpack_error", "ChannelClosed", "TASK_CODES", "TASKS_BY_CODE"]
+           "pack_rank", "pack_scores", "unpack_scores", "pack_error", "unpack_error", "ChannelClosed",
+           "TASK_CODES", "TASKS_BY_CODE"]
 
 _LEN = struct.Struct("!I")
 _HEAD = struct.Struct("!cBHHI")  # kind, task, model-name bytes, pooling-name bytes, text count
@@ -101,6 +103,27 @@ def unpack_vectors(body: bytes) -> list[np.ndarray]:
     rows, cols = _SHAPE.unpack_from(body, 1)
     arr = np.frombuffer(body, dtype=np.float32, offset=1 + _SHAPE.size, count=rows * cols).reshape(rows, cols)
     return list(arr)
+
+
+def pack_rank(ranker: str, query: str, documents: list[str]) -> bytes:
+    """An R request: the query travels as the first text, the documents after it."""
+    return pack_texts(b"R", ranker, [query, *documents])
+
+
+def pack_scores(scores) -> bytes:
+    """An S reply: float32 when that holds every score exactly (a local model's own precision),
+    float64 otherwise (a hosted API's scores), so the worker renders what an in-process app would."""
+    arr = np.ascontiguousarray(scores, dtype=np.float64)
+    small = arr.astype(np.float32)
+    if np.array_equal(small.astype(np.float64), arr):
+        return b"Sf" + small.tobytes()
+    return b"Sd" + arr.tobytes()
+
+
+def unpack_scores(body: bytes) -> np.ndarray:
+    """The float64 scores of an S reply, in document order."""
+    dtype = np.float32 if body[1:2] == b"f" else np.float64
+    return np.frombuffer(body, dtype=dtype, offset=2).astype(np.float64)
 
 
 def pack_counts(counts: list[int]) -> bytes:

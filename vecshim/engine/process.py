@@ -3,9 +3,10 @@
 `python -m vecshim.engine --socket PATH [--config FILE]`, started and
 supervised by the gunicorn master (supervisor.py). It owns the `Model`
 objects (batchers, runtimes, upstream budgets) exactly as an in-process app
-would, minus the vector cache, which the workers consult before asking.
-Each worker connection gets a thread that calls `Model.embed`, so texts from
-all workers meet in one batcher queue per model.
+would, minus the vector cache, which the workers consult before asking, and
+the rerankers that hold weights or clients (`Ranker.in_engine`). Each worker
+connection gets a thread that calls `Model.embed` or `Ranker.rank`, so texts
+and pairs from all workers meet in one batcher queue per model or reranker.
 """
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ from collections import Counter
 from pathlib import Path
 
 from ..config import load_config
-from ..errors import UnknownModelError, VecshimError
+from ..errors import BackendUnavailable, UnknownModelError, VecshimError
 from ..loader import ModelSet, build_models
 from ..logs import configure_logging
 from ..metrics import Stats
 from ..plugins import collect_backends, get_plugin_manager
+from ..ranking import build_rankers
 from . import channel
 
 __all__ = ["Engine", "main"]
@@ -54,8 +56,10 @@ class Engine:
         configure_logging(cfg.logging, cfg.secrets())
         self.config = cfg
         self.stats = Stats()
-        models = build_models(cfg, collect_backends(pm), cache=None, stats=self.stats)
-        self.models = ModelSet(models, on_change=self.publish)
+        registry = collect_backends(pm)
+        models = build_models(cfg, registry, cache=None, stats=self.stats)
+        rankers = {name: r for name, r in build_rankers(cfg, registry, models, self.stats).items() if r.in_engine}
+        self.models = ModelSet(models, on_change=self.publish, rerankers=rankers)
         self.socket_path = socket_path
         self.boot = uuid.uuid4().hex[:12]
         self._watchers: list[socket.socket] = []
@@ -68,10 +72,11 @@ class Engine:
 
     # -- facts ------------------------------------------------------------
     def facts(self) -> dict:
-        """Engine identity and every model's /meta entry (state, fingerprint, dimension...)."""
+        """Engine identity and every model's and reranker's /meta entry (state, fingerprint...)."""
         models = self.models.models
         return {"pid": os.getpid(), "boot": self.boot,
                 "models": {name: m.info() for name, m in models.items()},
+                "rerankers": {name: r.info() for name, r in self.models.rerankers.items()},
                 "poolings": {name: list(m.poolings) for name, m in models.items()}}
 
     def publish(self) -> None:
@@ -136,7 +141,8 @@ class Engine:
                 log.error("engine %d: the gunicorn master is gone; exiting", os.getpid())
                 break
         listener.close()
-        timeout = max(m.cfg.timeout_s for m in self.models.models.values()) if self.models.models else 30
+        served = [*self.models.models.values(), *self.models.rerankers.values()]
+        timeout = max(m.cfg.timeout_s for m in served) if served else 30
         self.models.close(timeout)  # queued texts finish; their callers get replies
         time.sleep(0.05)
         log.info("engine %d stopped", os.getpid())
@@ -179,6 +185,12 @@ class Engine:
     def _answer(self, body: bytes, pid: int) -> bytes:
         try:
             kind, name, task, pooling, texts = channel.unpack_texts(body)
+            if kind == b"R":
+                ranker = self.models.rerankers.get(name)
+                if ranker is None:  # a worker of another configuration (mid-reload): it retries
+                    raise BackendUnavailable(f"reranker {name!r} is not served by this engine",
+                                             headers={"Retry-After": "1"})
+                return channel.pack_scores(ranker.rank(texts[0], texts[1:]))
             model = self.models.models.get(name)
             if model is None:
                 raise UnknownModelError(name, self.models.models)

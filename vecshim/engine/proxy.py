@@ -1,10 +1,11 @@
-"""Worker side: models that look up the cache here and send misses to the engine.
+"""Worker side: models that look up the cache here and send misses to the engine; rerankers it serves.
 
 `RemoteModel` is a `Model` whose cache misses (`_run`) cross the channel and
 whose facts (state, fingerprint, dimension, /meta entry) come from the engine
 through `EngineLink`'s watch connection, so `/meta` and readiness never wait
 on inference. The cache, dimension checks and truncation stay the `Model`
-code the in-process app runs.
+code the in-process app runs. `RemoteRanker` sends whole rank calls (long-text
+policy, pair batching, retries and fallbacks happen in the engine).
 """
 from __future__ import annotations
 
@@ -15,11 +16,14 @@ import socket
 import threading
 from typing import Callable, Sequence
 
+import numpy as np
+
 from ..errors import BackendUnavailable, InferenceTimeout
 from ..model import Model
+from ..ranking import Ranker
 from . import channel
 
-__all__ = ["EngineLink", "RemoteModel"]
+__all__ = ["EngineLink", "RemoteModel", "RemoteRanker"]
 
 log = logging.getLogger("vecshim.engine")
 _RETRY_AFTER = {"Retry-After": "1"}
@@ -210,3 +214,55 @@ class RemoteModel(Model):
 
     def _run(self, texts: list[str], task: str, pooling: str | None = None):
         return channel.unpack_vectors(self._call(channel.pack_texts(b"E", self.name, texts, task, pooling)))
+
+
+class RemoteRanker(Ranker):
+    """A reranker served by the engine: scores cross the channel, state and /meta entry come from the facts."""
+
+    link: EngineLink | None = None
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._facts: dict | None = None
+
+    def apply(self, info: dict | None) -> None:
+        """Take the engine's facts for this reranker (None: the engine is down)."""
+        if info is None:
+            self.state, self.error = "unavailable", "the engine is restarting"
+            self._ready.clear()
+            return
+        self._facts = info
+        self.state, self.error = info["state"], info.get("error")
+        if self.state == "ready":
+            self._ready.set()
+        else:
+            self._ready.clear()
+
+    @property
+    def fingerprint(self) -> str:
+        return self._facts["fingerprint"] if self._facts is not None else super().fingerprint
+
+    def info(self) -> dict:
+        if self._facts is None:
+            return super().info()
+        info = {k: v for k, v in self._facts.items() if k != "error"}
+        info["state"] = self.state
+        return {**info, **({"error": self.error} if self.error else {})}
+
+    def load(self) -> None:
+        """Nothing to load here: the engine loads, its facts arrive through the link."""
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Nothing to drain here: the engine finishes the queue."""
+
+    def rank(self, query: str, documents: Sequence[str]) -> np.ndarray:
+        """The engine's `Ranker.rank` (it waits for loading, batches, retries, falls back)."""
+        what = f"reranker {self.name!r}"
+        if self.link is None or not self.link.up:
+            raise _unavailable(what)
+        # Loading, the pair batch and each fallback may each take up to timeout_s there.
+        timeout = self.cfg.timeout_s * (2 + len(self.cfg.fallbacks)) + 5.0
+        reply = self.link.call(channel.pack_rank(self.name, query, list(documents)), timeout, what)
+        if reply[:1] == b"X":
+            raise channel.unpack_error(reply)
+        return channel.unpack_scores(reply)

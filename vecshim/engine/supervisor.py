@@ -1,8 +1,10 @@
 """Master side: start the engine, restart it when it dies, swap it on reload, stop it last.
 
-Runs inside the gunicorn master (server.py hooks): `start` in on_starting,
-`reload` in on_reload (before gunicorn forks the new workers), `stop` in
-on_exit (after every worker has drained). A retired engine stops once the
+Runs inside the gunicorn master (server.py hooks, which `vecshim serve` and
+deploy/gunicorn.conf.py both install): `start` in on_starting, `reload` in
+on_reload (before gunicorn forks the new workers), `stop` in on_exit (after
+every worker has drained). Workers find the current socket through
+`worker_socket()` when nothing passed it to `create_app`. A retired engine stops once the
 last worker started before the reload has exited, so requests in flight on
 old workers finish on the engine they began on.
 """
@@ -21,9 +23,18 @@ import time
 
 from . import channel
 
-__all__ = ["EngineSupervisor", "read_facts"]
+__all__ = ["EngineSupervisor", "read_facts", "worker_socket"]
 
 log = logging.getLogger("vecshim.engine")
+#: (master pid, its supervisor): what the master's forked workers inherit.
+_serving: tuple[int, "EngineSupervisor"] | None = None
+
+
+def worker_socket() -> str | None:
+    """In a gunicorn worker whose master runs an engine: the engine's socket; else None."""
+    if _serving is not None and _serving[0] == os.getppid() and _serving[1].current is not None:
+        return _serving[1].socket_path
+    return None
 
 
 def read_facts(path: str, timeout: float, until_settled: bool = False) -> dict | None:
@@ -108,7 +119,9 @@ class EngineSupervisor:
 
     def start(self, server=None) -> None:
         """Start the first engine and the thread that restarts it when it dies."""
+        global _serving
         self._server = server
+        _serving = (os.getpid(), self)
         self.current = _Engine(self.config_path, self._path())
         log.info("engine started (pid %d)", self.current.pid)
         threading.Thread(target=self._watch, name="vecshim-engine-supervisor", daemon=True).start()
