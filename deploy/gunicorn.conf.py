@@ -3,7 +3,7 @@
     VECSHIM_CONFIG=/etc/vecshim/config.yaml \\
         gunicorn -c deploy/gunicorn.conf.py 'vecshim.app:create_app()'
 
-The same process model as `vecshim serve`: 4 HTTP workers plus one engine
+The same process model as `vecshim serve`: one HTTP worker per CPU (at least 2) plus one engine
 process, started and supervised by the gunicorn master (the hooks below), that
 holds the models and rerankers once. `VECSHIM_ENGINE` (auto|on|off) and
 `VECSHIM_WORKERS` (or `-w`) choose it as `--engine` and `--workers` do: with

@@ -121,8 +121,11 @@ class Model2VecBackend(TokenizerTextMixin, Backend):
         import model2vec
 
         opts = self.options
+        from vecshim.backends.onnx_light import dir_digest
+
         src = _source_path(opts.distill_from).resolve()
-        key = hashlib.sha256(f"{src}|{opts.pca_dims}|{model2vec.__version__}".encode()).hexdigest()[:16]
+        # Keyed by the source's files, not its path: every install of one model shares the distillation.
+        key = hashlib.sha256(f"{dir_digest(src)}|{opts.pca_dims}|{model2vec.__version__}".encode()).hexdigest()[:16]
         cache = Path(opts.cache_dir).expanduser() if opts.cache_dir else default_cache_dir()
         stem = "all-MiniLM-L6-v2" if opts.distill_from == BUNDLED else src.name
         target = cache / f"{stem}-pca{opts.pca_dims}-{key}"

@@ -537,7 +537,8 @@ def test_embed_a_failing_text_fails_only_its_own_line(fake_conf):
 
 
 def test_embed_ctrl_c_ends_cleanly(fake_conf, tmp_path):
-    path = fake_conf({"slow": {"backend": "fake", "options": {"delay_s": 0.2}}})
+    # 20,000 texts at 20 ms a backend call take about 12 s; the first chunk is out after about 1 s.
+    path = fake_conf({"slow": {"backend": "fake", "options": {"delay_s": 0.02}}})
     source = tmp_path / "in.txt"
     source.write_text("".join(f"text {i}\n" for i in range(20000)))
     proc = subprocess.Popen([VECSHIM, "embed", "-c", str(path), "--input", str(source)], stdout=subprocess.PIPE,

@@ -135,7 +135,22 @@ def test_image_build_steps_run_in_a_fresh_venv_with_the_compose_build_args(tmp_p
     assert "vecshim" not in {norm(k) for k in installed}, "the deps layer must not install vecshim"
     assert list(venv.glob("lib/python3*/site-packages/torch/__init__.py"))
 
-    export = step("onnx", "export", build)
+    # The ONNX export and the wheel build need only the deps layer: build the wheel meanwhile,
+    # as Docker builds independent stages side by side.
+    src = tmp_path / "src"
+    for srcs, dest in copies(next(s for s in df.stages if s["name"] == "wheel"), df):
+        place(srcs, dest, image, src)
+    wheels = tmp_path / "wheels"
+    wheel_build = subprocess.Popen([str(py), "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(wheels), "."],
+                                   cwd=src, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        export = step("onnx", "export", build)
+        wheel_log = wheel_build.communicate(timeout=600)[0]
+    finally:
+        if wheel_build.poll() is None:
+            wheel_build.kill()
+            wheel_build.wait()
+    assert wheel_build.returncode == 0, wheel_log[-3000:]
     sizes = {m.group(1): float(m.group(2)) for m in re.finditer(r"export (\S+): ([\d.]+) MB", export.stdout)}
     assert len(sizes) == len(exported(args["ONNX_EXPORT"])), export.stdout
     # the emptyDir a pod exports into when a runtime was left out of the build holds
@@ -144,13 +159,7 @@ def test_image_build_steps_run_in_a_fresh_venv_with_the_compose_build_args(tmp_p
     tmp_limit = parse_quantity(next(v for v in volumes if v["name"] == "tmp")["emptyDir"]["sizeLimit"])
     assert tmp_limit >= 2 * max(sizes.values()) * 1e6, (sizes, tmp_limit)
 
-    # the wheel and its install without dependencies, as the wheel and runtime stages do
-    src = tmp_path / "src"
-    for srcs, dest in copies(next(s for s in df.stages if s["name"] == "wheel"), df):
-        place(srcs, dest, image, src)
-    wheels = tmp_path / "wheels"
-    subprocess.run([str(py), "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(wheels), "."],
-                   cwd=src, env=env, check=True, timeout=600, capture_output=True)
+    # the wheel's install without dependencies, as the runtime stage does
     (wheel,) = wheels.glob("vecshim-*.whl")
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
                    env=env, check=True, timeout=600, capture_output=True)

@@ -244,7 +244,7 @@ def test_one_worker_keeps_the_models_in_process(tmp_path):
 
 
 def test_plain_gunicorn_with_the_shipped_config_runs_the_engine(tmp_path):
-    """`gunicorn -c deploy/gunicorn.conf.py 'vecshim.app:create_app()'`: 4 workers, one engine, one model copy;
+    """`gunicorn -c deploy/gunicorn.conf.py 'vecshim.app:create_app()'`: the default workers, one engine, one model copy;
     HUP swaps the engine (gunicorn re-reads the config file), SIGTERM stops it."""
     (tmp_path / "vecshim.yaml").write_text(yaml.safe_dump({"models": {"minilm": {"backend": "sentence-transformers"}}}))
     port = free_port()

@@ -20,6 +20,7 @@ from pathlib import Path
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 
+from .backends.local import available_cpus
 from .errors import ConfigError
 
 __all__ = ["DEFAULTS", "DEFAULT_WORKERS", "VecshimServer", "check_models", "default_workers", "use_engine",
@@ -27,8 +28,10 @@ __all__ = ["DEFAULTS", "DEFAULT_WORKERS", "VecshimServer", "check_models", "defa
 
 log = logging.getLogger("vecshim.server")
 
-#: HTTP workers of `vecshim serve` (bench/RESULTS.md "Issue 18").
-DEFAULT_WORKERS = 4
+#: HTTP workers of `vecshim serve`: one per usable CPU, at least 2 (bench/RESULTS.md
+#: "Issue 18": on 2 CPUs, 2 workers served more cache hits and misses than 4, which
+#: spend the CPUs switching between processes).
+DEFAULT_WORKERS = max(2, available_cpus())
 
 #: Settings `vecshim serve` passes to gunicorn (see docs/operations.md).
 DEFAULTS = {
