@@ -163,3 +163,25 @@ def test_cached_export_loads_without_torch_and_gives_the_same_vectors(served, ca
         for j, task in enumerate(("query", "passage")):
             want = c.vectors(text, task_type=task).json()["vector"]
             assert cos(out["vectors"][j * len(TEXTS) + i], want) >= 0.99999
+
+
+def test_fp32_export_traces_eager_attention_and_keeps_torch_vectors(served, cache_dir, st_model):
+    """fp32 `onnx` is traced from eager attention (no sdpa mask ops), its vectors are still
+    torch's, and the torch model goes back to its own attention after an export."""
+    import onnx
+
+    from vecshim.backends.runtimes import CHECK_TEXTS, _export_fp32
+
+    folder = served["onnx"].state.get_model("minilm").backend._check["cache"]
+    ops = {n.op_type for n in onnx.load(f"{folder}/model.onnx").graph.node}
+    int8_folder = served["onnx-int8"].state.get_model("minilm").backend._check["cache"]
+    int8_ops = {n.op_type for n in onnx.load(f"{int8_folder}/model.onnx").graph.node}
+    assert "IsNaN" not in ops and "IsNaN" in int8_ops  # int8 keeps the sdpa trace (its vectors unchanged)
+    assert meta(served["onnx"])["model"]["runtime_check"]["min_cosine_vs_torch"] >= 0.99999
+    auto = st_model[0].auto_model
+    own = auto.config._attn_implementation
+    before = st_model.encode(list(CHECK_TEXTS[:4]))
+    _export_fp32(st_model, cache_dir / "probe.onnx", eager=True)
+    assert auto.config._attn_implementation == own
+    after = st_model.encode(list(CHECK_TEXTS[:4]))
+    assert min(cos(a, b) for a, b in zip(before, after)) >= 0.999999

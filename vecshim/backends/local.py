@@ -99,6 +99,8 @@ class SentenceTransformersOptions(BackendOptions):
     #: ONNX: a second session using every core for a text that arrives alone (lower
     #: single-request latency; one more copy of the weights in memory).
     solo_session: bool = True
+    #: ONNX: let the solo session's threads spin-wait between operators (see docs/plugins.md).
+    solo_spin: bool = False
     #: Folder for exported ONNX models (None: $VECSHIM_ONNX_CACHE, else $XDG_CACHE_HOME/vecshim/onnx).
     onnx_cache_dir: str | None = None
 
@@ -138,6 +140,12 @@ class SentenceTransformersBackend(TokenizerTextMixin, Backend):
     def plan_threads(self, callers: int) -> None:
         """Split the cores between the batch threads that call embed() at once."""
         self._callers = callers
+
+    def count_tokens(self, texts) -> list[int]:
+        """Exact token counts; on the light ONNX path the encoder reuses this tokenization."""
+        if self._light is not None:
+            return self._light.count(texts)
+        return super().count_tokens(texts)
 
     def _resolve_runtime(self, options: SentenceTransformersOptions) -> str:
         """The configured runtime, `auto` resolved; a missing extra is a config error."""
@@ -230,7 +238,8 @@ class SentenceTransformersBackend(TokenizerTextMixin, Backend):
         if not all((folder / f).exists() for f in (MANIFEST, "check.json", "model.onnx", "tokenizer.json")):
             return False
         solo = available_cpus() if self.options.threads is None and self.options.solo_session else None
-        light = LightModel(folder, threads, self.options.max_seq_length, solo_threads=solo)
+        light = LightModel(folder, threads, self.options.max_seq_length, solo_threads=solo,
+                           solo_spin=self.options.solo_spin)
         self._set_prompts(light.prompts)
         self.max_input_tokens = light.max_input_tokens
         self.normalized = light.normalize

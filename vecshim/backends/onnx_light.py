@@ -17,15 +17,21 @@ import hashlib
 import json
 import os
 import threading
+from collections import OrderedDict
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["MANIFEST", "dir_digest", "write_manifest", "LightModel", "pipeline_pooling"]
+__all__ = ["MANIFEST", "dir_digest", "write_manifest", "LightModel", "TokenStore", "pipeline_pooling"]
 
 MANIFEST = "manifest.json"
+#: Bounds of the count-to-encode store: about what a batcher queue holds (4,096 texts,
+#: 4 x 16,384 tokens), so texts waiting to be encoded stay in it and a flood of texts
+#: that are counted but never encoded (413s, probes of long texts) cannot grow it.
+STORE_TEXTS = 4096
+STORE_TOKENS = 131_072
 
 
 def dir_digest(folder: Path) -> str:
@@ -106,11 +112,54 @@ def _session(path: Path, threads: int, spin: bool = True):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+class TokenStore:
+    """The count step's encodings, by text, for the encoder to reuse (LRU, bounded).
+
+    Tokenizing is deterministic, so an encoding found under the exact text it was
+    computed from is the encoding the encoder would compute again.
+    """
+
+    def __init__(self, max_texts: int = STORE_TEXTS, max_tokens: int = STORE_TOKENS):
+        self.max_texts, self.max_tokens = max_texts, max_tokens
+        self._items: OrderedDict[str, Any] = OrderedDict()
+        self.tokens = 0
+        self.hits = self.misses = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, texts: list[str], encodings: list) -> None:
+        with self._lock:
+            for text, enc in zip(texts, encodings):
+                n = len(enc.ids)
+                if n > self.max_tokens:
+                    continue
+                old = self._items.pop(text, None)
+                if old is not None:
+                    self.tokens -= len(old.ids)
+                self._items[text] = enc
+                self.tokens += n
+            while self._items and (len(self._items) > self.max_texts or self.tokens > self.max_tokens):
+                self.tokens -= len(self._items.popitem(last=False)[1].ids)
+
+    def take(self, text: str):
+        """The stored encoding of `text` (removed from the store), or None."""
+        with self._lock:
+            enc = self._items.pop(text, None)
+            if enc is None:
+                self.misses += 1
+                return None
+            self.tokens -= len(enc.ids)
+            self.hits += 1
+            return enc
+
+
 class LightModel:
     """The sentence-transformers pipeline rebuilt from a manifest, without torch."""
 
     def __init__(self, folder: Path, threads: int, max_seq_length: int | None = None,
-                 solo_threads: int | None = None):
+                 solo_threads: int | None = None, solo_spin: bool = False):
         from tokenizers import Tokenizer
 
         m = json.loads((folder / MANIFEST).read_text())
@@ -121,10 +170,13 @@ class LightModel:
         self.counter = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.counter.no_truncation()
         self.counter.no_padding()
-        # Configured once and never changed, so encoder threads may share it.
+        # Configured once and never changed, so encoder threads may share it. It only
+        # truncates and adds special tokens to the counter's encodings (post_process), as
+        # its encode() would; encode() pads the batch itself (right, pad_id, type 0).
         self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
         self.tokenizer.enable_truncation(self.max_seq_length)
-        self.tokenizer.enable_padding(pad_id=m["pad_id"], pad_token=m["pad_token"])
+        self.tokenizer.no_padding()
+        self.store = TokenStore()
         self.session = _session(folder / "model.onnx", threads)
         # A text that arrives alone gets every core: a second session with more intra-op
         # threads (not spinning, so it does not steal from a batch that starts meanwhile).
@@ -132,34 +184,57 @@ class LightModel:
         # Built by the first lone text (the warm-up), in that thread: built in another thread,
         # ONNX Runtime aborts the process at interpreter exit.
         self.solo = None
-        self._solo_plan = (folder / "model.onnx", solo_threads) if solo_threads and solo_threads > threads else None
+        self._solo_plan = ((folder / "model.onnx", solo_threads, solo_spin)
+                           if solo_threads and solo_threads > threads else None)
         self._running = 0
         self._lock = threading.Lock()
         self.inputs = [i.name for i in self.session.get_inputs()]
 
-    def _load_solo(self, path: Path, threads: int) -> None:
-        self.solo = _session(path, threads, spin=False)
+    def _load_solo(self, path: Path, threads: int, spin: bool) -> None:
+        self.solo = _session(path, threads, spin=spin)
 
     @property
     def max_input_tokens(self) -> int:
         """Tokens of text per window, special tokens excluded."""
         return self.max_seq_length - self.manifest["special_tokens"]
 
+    def count(self, texts: list[str]) -> list[int]:
+        """Token counts (no special tokens); the encodings wait in `store` for encode()."""
+        texts = list(texts)
+        enc = self.counter.encode_batch(texts, add_special_tokens=False)
+        self.store.put(texts, enc)
+        return [len(e.ids) for e in enc]
+
+    def features(self, texts: list[str], reuse: bool = True) -> dict[str, np.ndarray]:
+        """The encoder's inputs: counted encodings (or new ones), truncated, with special tokens, padded."""
+        enc = [self.store.take(t) for t in texts] if reuse else [None] * len(texts)
+        missing = [i for i, e in enumerate(enc) if e is None]
+        if missing:
+            fresh = self.counter.encode_batch([texts[i] for i in missing], add_special_tokens=False)
+            for i, e in zip(missing, fresh):
+                enc[i] = e
+        enc = [self.tokenizer.post_process(e) for e in enc]
+        shape = (len(enc), max(len(e.ids) for e in enc))
+        ids = np.full(shape, self.manifest["pad_id"], dtype=np.int64)
+        mask, types = np.zeros(shape, dtype=np.int64), np.zeros(shape, dtype=np.int64)
+        for row, e in enumerate(enc):
+            n = len(e.ids)
+            ids[row, :n], mask[row, :n], types[row, :n] = e.ids, e.attention_mask, e.type_ids
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
     def encode(self, texts: list[str], prompt: str | None = None, pooling: str | None = None) -> np.ndarray:
         """Sentence embeddings, as the model's sentence-transformers pipeline computes them.
 
-        `pooling` (`mean` or `cls`) replaces the model's own pooling step.
+        `pooling` (`mean` or `cls`) replaces the model's own pooling step. Texts
+        counted by count() reuse that tokenization, unless a prompt or lower-casing
+        changes the text after counting.
         """
+        reuse = not prompt and not self.manifest["do_lower_case"]
         if prompt:
             texts = [prompt + t for t in texts]
         if self.manifest["do_lower_case"]:
             texts = [t.lower() for t in texts]
-        enc = self.tokenizer.encode_batch(texts)
-        feeds: dict[str, Any] = {
-            "input_ids": np.asarray([e.ids for e in enc], dtype=np.int64),
-            "attention_mask": np.asarray([e.attention_mask for e in enc], dtype=np.int64),
-            "token_type_ids": np.asarray([e.type_ids for e in enc], dtype=np.int64),
-        }
+        feeds = self.features(texts, reuse)
         with self._lock:
             self._running += 1
             alone = self._running == 1

@@ -41,7 +41,8 @@ RUNTIMES = ("torch", "onnx", "onnx-int8")
 #: Importable modules each runtime needs beyond the `local` extra.
 RUNTIME_MODULES = {"torch": (), "onnx": ("onnxruntime", "onnx"), "onnx-int8": ("onnxruntime", "onnx")}
 #: Bump when the export itself changes, so old cache entries are not reused.
-EXPORT_VERSION = 1
+#: 2: fp32 `onnx` is traced with eager attention (see _export_fp32).
+EXPORT_VERSION = 2
 #: fp32 ONNX shares torch's vector space only if every check text is at least this close.
 EQUIVALENT_COS = 0.9999
 _INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -156,18 +157,39 @@ class _Wrapper:
         return Encoder().eval()
 
 
-def _export_fp32(st_model, dest: Path) -> None:
+def _export_fp32(st_model, dest: Path, eager: bool = False) -> None:
+    """Trace the encoder into `dest`; `eager`: with the model's eager attention.
+
+    Traced from PyTorch's fused attention (sdpa), the graph carries mask handling
+    (IsNaN/Where) ONNX Runtime cannot simplify; the eager attention's graph runs
+    ~7-11% less CPU per text on MiniLM with the same vectors (bench/RESULTS.md,
+    "Issue 18: backend per-text work (hb)"). The torch model goes back to its own
+    attention afterwards, and the check set compares with its vectors.
+    """
     import torch
 
+    auto = st_model[0].auto_model
+    own = getattr(auto.config, "_attn_implementation", None)
+    switched = False
+    if eager and own not in (None, "eager") and hasattr(auto, "set_attn_implementation"):
+        try:
+            auto.set_attn_implementation("eager")
+            switched = True
+        except (ValueError, ImportError, AttributeError):  # a model without eager attention
+            pass
     # Two texts of different lengths, so the traced graph sees padding in the mask.
     feats = st_model.preprocess(["export sample", "a longer export sample with padding in the batch"])
     names = [k for k in _INPUTS if k in feats]
     axes = {k: {0: "batch", 1: "sequence"} for k in (*names, "last_hidden_state")}
-    with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
-        warnings.simplefilter("ignore")  # tracer and deprecation chatter; the check set is the test
-        torch.onnx.export(_Wrapper.build(st_model[0].auto_model, names), tuple(feats[k] for k in names),
-                          str(dest), input_names=names, output_names=["last_hidden_state"],
-                          dynamic_axes=axes, opset_version=17, dynamo=False)
+    try:
+        with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
+            warnings.simplefilter("ignore")  # tracer and deprecation chatter; the check set is the test
+            torch.onnx.export(_Wrapper.build(auto, names), tuple(feats[k] for k in names),
+                              str(dest), input_names=names, output_names=["last_hidden_state"],
+                              dynamic_axes=axes, opset_version=17, dynamo=False)
+    finally:
+        if switched:
+            auto.set_attn_implementation(own)
 
 
 def _quantize_int8(src: Path, dest: Path) -> None:
@@ -204,8 +226,8 @@ def _export(st_model, runtime: str, folder: Path) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             _export_fp32(st_model, Path(tmp) / "fp32.onnx")
             _quantize_int8(Path(tmp) / "fp32.onnx", fp32)
-    else:
-        _export_fp32(st_model, fp32)
+    else:  # int8 keeps the sdpa trace: its quantised vectors stay what they were
+        _export_fp32(st_model, fp32, eager=True)
     check = {"texts": list(CHECK_TEXTS), "torch_vectors": _torch_vectors(st_model).tolist(),
              "exported_in_s": round(time.monotonic() - start, 2)}
     write_manifest(st_model, folder)  # lets later starts skip torch (onnx_light.py)
