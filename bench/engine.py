@@ -133,13 +133,18 @@ def load(url: str, clients: int, procs: int, duration: float, corpus: str, seed:
             "client_cpu_s": round(sum(r["client_cpu_s"] for r in reports), 2)}
 
 
-def served(layout: str, folder: Path, duration: float, procs: int, seed: int, client: str) -> dict:
+def served(layout: str, folder: Path, duration: float, procs: int, seed: int, client: str,
+           options: dict | None = None) -> dict:
     workers, engine = layout.split(":")
     out: dict = {"workers": int(workers), "engine": engine}
     off = folder / "cache-off.json"
-    off.write_text(json.dumps({"models": {"minilm": {"backend": "sentence-transformers"}},
-                               "cache": {"enabled": False}}))
-    for phase, config in (("cache_off", f"--config {off}"), ("default", "")):
+    model = {"backend": "sentence-transformers", **({"options": options} if options else {})}
+    off.write_text(json.dumps({"models": {"minilm": model}, "cache": {"enabled": False}}))
+    default = ""
+    if options:  # the default config plus these backend options
+        (folder / "default.json").write_text(json.dumps({"models": {"minilm": model}}))
+        default = f"--config {folder / 'default.json'}"
+    for phase, config in (("cache_off", f"--config {off}"), ("default", default)):
         port = free_port()
         cmd = (f"{REPO}/.venv/bin/vecshim serve --bind 127.0.0.1:{port} --workers {workers} "
                f"--engine {engine} {config}")
@@ -172,7 +177,7 @@ def markdown(report: dict) -> str:
              + ", ".join(f"{k.replace('_', ' ')} {v['texts_per_s']} texts/s" for k, v in raw.items()
                          if k.startswith("batch_"))
              + f"; all-cores batch-1 latency p50 {lat1} ms (the lone client's texts)",
-             f"client: {report.get('client', 'loadgen')}", "",
+             f"client: {report.get('client', 'loadgen')}; backend options: {report.get('options') or 'defaults'}", "",
              "| layout | 32 clients, cache off | vs raw best | 1 client p50 (cache off) | vs raw batch-1 | "
              "32 clients, cache hits | RSS sum / PSS sum (default config, after hits) | processes |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -194,6 +199,8 @@ def main() -> None:
     p.add_argument("--client-procs", type=int, default=4, help="loadgen processes for 32 clients")
     p.add_argument("--n", type=int, default=1000, help="raw corpus size")
     p.add_argument("--skip-raw", action="store_true")
+    p.add_argument("--options", default=None, help="JSON backend options for every served config, e.g. "
+                                                    "'{\"solo_spin\": true}'")
     p.add_argument("--json-out", default=None)
     p.add_argument("--markdown", default=None, help="print the tables of an earlier --json-out FILE and exit")
     args = p.parse_args()
@@ -203,14 +210,14 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cpus = len(os.sched_getaffinity(0))
     report: dict = {"machine": machine_info(), "loadavg_start": loadavg(), "cpus": cpus, "client": args.client,
-                    "layouts": {}}
+                    "options": args.options, "layouts": {}}
     if not args.skip_raw:
         report["raw"] = raw(get_corpus(args.n, seed=SEED_32), cpus, get_corpus(1000, seed=SEED_1))
         print(json.dumps({"raw": report["raw"]}), file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="vecshim-bench-engine-") as tmp:
         for i, layout in enumerate(args.layouts.split(",")):
             report["layouts"][layout] = served(layout, Path(tmp), args.duration, args.client_procs, 1000 * (i + 1),
-                                               args.client)
+                                               args.client, json.loads(args.options) if args.options else None)
             print(json.dumps({layout: report["layouts"][layout]}), file=sys.stderr, flush=True)
     report["loadavg_end"] = loadavg()
     text = json.dumps(report, indent=1)
