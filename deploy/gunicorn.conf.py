@@ -7,7 +7,8 @@ The same process model as `vecshim serve`: one HTTP worker per CPU (at least 2) 
 process, started and supervised by the gunicorn master (the hooks below), that
 holds the models and rerankers once. `VECSHIM_ENGINE` (auto|on|off) and
 `VECSHIM_WORKERS` (or `-w`) choose it as `--engine` and `--workers` do: with
-one worker, `auto` keeps the models inside that worker.
+one worker, `auto` keeps the models inside that worker. The engine reads the
+config from `VECSHIM_CONFIG`, so name it there, not as `create_app`'s argument.
 """
 import os
 

@@ -161,4 +161,6 @@ def unpack_error(body: bytes) -> VecshimError:
         cls = VecshimError
     err = cls.__new__(cls)
     VecshimError.__init__(err, data["message"], status=data["status"], headers=data.get("headers") or None)
+    if isinstance(err, _errors.UpstreamError):  # the engine already retried: nothing left to retry here
+        err.upstream_status, err.retry_after, err.retryable = None, None, False
     return err

@@ -38,7 +38,7 @@ def worker_socket() -> str | None:
 
 
 def read_facts(path: str, timeout: float, until_settled: bool = False) -> dict | None:
-    """The engine's facts; with `until_settled`, wait until no model is still loading."""
+    """The engine's facts; with `until_settled`, wait until no model or reranker is still loading."""
     deadline = time.monotonic() + timeout
     facts = None
     while time.monotonic() < deadline:
@@ -49,7 +49,7 @@ def read_facts(path: str, timeout: float, until_settled: bool = False) -> dict |
                 channel.send(s, b"W")
                 while True:
                     facts = json.loads(channel.recv(s)[1:])
-                    states = [m["state"] for m in facts["models"].values()]
+                    states = [m["state"] for m in [*facts["models"].values(), *facts.get("rerankers", {}).values()]]
                     if not until_settled or all(st != "loading" for st in states):
                         return facts
         except (OSError, channel.ChannelClosed, ValueError):
