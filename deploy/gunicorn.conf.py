@@ -26,6 +26,7 @@ timeout = DEFAULTS["timeout"]
 graceful_timeout = DEFAULTS["graceful_timeout"]
 preload_app = False
 accesslog = None                           # the app logs each request in its own format
+logger_class = DEFAULTS["logger_class"]    # so gunicorn builds no access line of its own
 errorlog = "-"
 # The master's lines in the same format (text or JSON, `logging:` of the config) as the workers'.
 logconfig_dict = logconfig_for(os.environ.get("VECSHIM_CONFIG"))

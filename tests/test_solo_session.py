@@ -46,3 +46,11 @@ def test_a_lone_text_uses_the_all_cores_session_and_the_same_vector():
 
 def test_solo_session_can_be_turned_off():
     assert _light(solo_session=False)._light.solo is None
+
+
+@pytest.mark.skipif(available_cpus() < 2, reason="one core: no session with more threads to choose")
+@pytest.mark.parametrize("spin", [False, True])
+def test_solo_spin_sets_the_solo_sessions_spinning(spin):
+    solo = _light(solo_spin=spin)._light.solo
+    entry = solo.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    assert entry == ("1" if spin else "0")

@@ -110,3 +110,16 @@ def test_store_bounds_by_texts_and_tokens_oldest_out():
     assert store.tokens <= 10 and store.take("f") is not None and store.take("b") is None
     store.put(["huge"], [Enc(11)])  # larger than the whole store: not kept
     assert store.take("huge") is None and store.tokens <= 10
+
+
+def test_a_prompt_added_after_counting_is_tokenized_with_the_text(backend):
+    light = backend._light
+    texts = ["prompted text one about harbours", "prompted text two about ferries"]
+    backend.count_tokens(texts)
+    hits = light.store.hits
+    prompted = light.encode(texts, prompt="query: ")
+    assert light.store.hits == hits  # the counted (prompt-less) encodings are not what the encoder reads
+    want = light.encode(["query: " + t for t in texts])
+    plain = light.encode(texts)
+    assert min(cos(a, b) for a, b in zip(prompted, want)) >= 0.99999
+    assert max(cos(a, b) for a, b in zip(prompted, plain)) < 0.9999

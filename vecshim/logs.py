@@ -14,6 +14,8 @@ import time
 import uuid
 from urllib.parse import quote, quote_plus, unquote, urlsplit
 
+from gunicorn.glogging import Logger as _GunicornBaseLogger
+
 __all__ = ["configure_logging", "request_id_var", "new_request_id", "VecshimFormatter", "VecshimHandler",
            "gunicorn_logconfig", "QUIET_LOGGERS", "register_secret", "redact", "url_secrets", "SDK_KEY_ENV"]
 
@@ -232,3 +234,16 @@ def configure_logging(cfg, secrets: list[str]) -> VecshimFormatter:
             h.setFormatter(formatter)
     _quiet_http_clients()
     return formatter
+
+
+class GunicornLogger(_GunicornBaseLogger):
+    """gunicorn's logger, with gunicorn's access lines only when an `accesslog` is set.
+
+    With `logconfig_dict` set, gunicorn builds every request's access-log
+    fields even though its access logger has no handler; vecshim writes its
+    own access lines, so that work (about 5 % of a cache hit) is skipped.
+    """
+
+    def _compute_access_log_enabled(self):
+        return bool(self.cfg.accesslog) and super()._compute_access_log_enabled()
+

@@ -48,6 +48,7 @@ DEFAULTS = {
     "graceful_timeout": 30,
     # The app writes its own access log lines, in the app's log format.
     "accesslog": None,
+    "logger_class": "vecshim.logs.GunicornLogger",  # builds no gunicorn access line without `accesslog`
     "errorlog": "-",
     "preload_app": False,  # load models after fork, never in the master
     "max_requests": 0,

@@ -308,32 +308,39 @@ class FakeUpstream:
                 self.in_flight -= 1
 
     def _respond(self, handler: BaseHTTPRequestHandler, request: Recorded) -> None:
-        if self.latency_s:
-            time.sleep(self.latency_s)
+        # The answer leaves `latency_s` after the request came in, however long building it took
+        # (a reply of 32 vectors takes this fake ~15 ms, which a real upstream's latency includes).
+        due = time.monotonic() + self.latency_s
+
+        def send(handler, code: int, payload: Any, headers: dict | None = None, raw: bytes | None = None):
+            data = raw if raw is not None else json.dumps(payload).encode()
+            time.sleep(max(0.0, due - time.monotonic()))
+            _send(handler, code, None, headers, raw=data)
         if self.credentials(request) != self.api_key:
-            return _send(handler, 401, self.error_body(401, self._auth_message(request)))
+            return send(handler, 401, self.error_body(401, self._auth_message(request)))
         wait = self._rate_limited(self.request_tokens(request))
         if wait is not None:
             headers = {"Retry-After": self.retry_after or str(max(1, math.ceil(wait)))}
             if self.retry_after_ms_header and self.retry_after is None:
                 headers["retry-after-ms"] = str(max(1, round(wait * 1000)))
-            return _send(handler, 429, self.error_body(429, "Rate limit reached", "rate_limit_exceeded"),
-                         {**self._limits(), **headers})
+            return send(handler, 429, self.error_body(429, "Rate limit reached", "rate_limit_exceeded"),
+                        {**self._limits(), **headers})
         fault = self._next_fault()
         kind = fault.kind if fault else None
         if kind == "status":
             headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
             body = self.error_body(fault.status, self._echo(f"injected {fault.status}", request), fault.code)
-            return _send(handler, fault.status, body, headers)
+            return send(handler, fault.status, body, headers)
         if kind == "slow":
-            time.sleep(fault.seconds)
+            due += fault.seconds
         if kind == "reset":
+            time.sleep(max(0.0, due - time.monotonic()))
             return _reset(handler)
         if kind == "malformed":
-            return _send(handler, 200, None, raw=b'{"object": "list", "data": [{"embedding": [0.1,')
+            return send(handler, 200, None, raw=b'{"object": "list", "data": [{"embedding": [0.1,')
         mutate = _MUTATIONS.get(kind, lambda vectors: vectors)
         code, payload = self.answer(request, mutate)
-        _send(handler, code, payload, self._limits())
+        send(handler, code, payload, self._limits())
 
     def _echo(self, message: str, request: Recorded) -> str:
         """With `echo_key`: the message plus the presented key plain, masked, URL-encoded,

@@ -26,7 +26,10 @@ DEFAULT_COST = (0.00475, 2.05e-4, 1.49e-7)
 #: Per-runtime batching defaults (bench/runtimes.py, bench/RESULTS.md "Runtimes"):
 #: most texts per call and the (a, b, c) cost model the batcher splits by. Raw
 #: ONNX Runtime peaks at 16 texts per call on 2 cores and loses ~15% at 32;
-#: torch is flat from 16 to 32. Only the ratios of a, b, c steer the split.
+#: torch is flat from 16 to 32. Only the ratios of a, b, c steer the split. Rechecked
+#: for the eager-attention ONNX export: refitted costs and caps of 8/32 or a token cap
+#: per call served mixed-length batches no faster (bench/RESULTS.md, "Issue 18: backend
+#: per-text work (hb)").
 RUNTIME_BATCH = {
     "torch": {"max_batch_size": None, "cost": DEFAULT_COST},
     "onnx": {"max_batch_size": 16, "cost": DEFAULT_COST},

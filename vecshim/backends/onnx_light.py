@@ -107,8 +107,7 @@ def _session(path: Path, threads: int, spin: bool = True):
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if not spin:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")  # "1": ORT's default
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
