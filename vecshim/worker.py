@@ -110,12 +110,9 @@ class VecshimWorker(ThreadWorker):
         state = self._reading.get(conn)
         if state is None:
             return
-        try:
-            data = conn.sock.recv(256 * 1024)
-        except (BlockingIOError, InterruptedError):
+        data = _recv_some(conn.sock)
+        if data is None:
             return
-        except OSError:
-            data = b""
         if not data:  # the client left (or reset) before sending a whole request
             self._drop(conn)
             return
@@ -291,12 +288,9 @@ class VecshimWorker(ThreadWorker):
         conn.sock.setblocking(False)
         try:
             while len(buf) <= self._limits.max_body:
-                try:
-                    data = conn.sock.recv(256 * 1024)
-                except (BlockingIOError, InterruptedError):
+                data = _recv_some(conn.sock)
+                if data is None:
                     break
-                except OSError:
-                    data = b""
                 if not data:
                     if not buf:
                         return False
@@ -330,6 +324,16 @@ class VecshimWorker(ThreadWorker):
             return False
         finally:
             caller_gone.reset(token)
+
+
+def _recv_some(sock) -> bytes | None:
+    """What a non-blocking socket has: None if nothing yet, b"" if the client closed or reset."""
+    try:
+        return sock.recv(256 * 1024)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError:
+        return b""
 
 
 def _hung_up(sock) -> bool:

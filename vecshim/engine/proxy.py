@@ -33,6 +33,17 @@ def _unavailable(what: str) -> BackendUnavailable:
     return BackendUnavailable(f"{what}: the engine is restarting; retry shortly", headers=_RETRY_AFTER)
 
 
+def _take_state(obj, info: dict | None) -> bool:
+    """Set a remote model's or reranker's state from the engine's facts; False if the engine is down."""
+    if info is None:
+        obj.state, obj.error = "unavailable", "the engine is restarting"
+        obj._ready.clear()
+        return False
+    obj._facts = info
+    obj.state, obj.error = info["state"], info.get("error")
+    return True
+
+
 class EngineLink:
     """One worker's connection to the engine: a facts watcher plus one socket per request thread."""
 
@@ -160,12 +171,8 @@ class RemoteModel(Model):
 
     def apply(self, info: dict | None, poolings: list[str] | None = None) -> None:
         """Take the engine's facts for this model (None: the engine is down)."""
-        if info is None:
-            self.state, self.error = "unavailable", "the engine is restarting"
-            self._ready.clear()
+        if not _take_state(self, info):
             return
-        self._facts = info
-        self.state, self.error = info["state"], info.get("error")
         self.dimension = info.get("dimension")
         self.task_split = bool(info.get("task_aware", self.task_split))
         if poolings is not None:
@@ -227,12 +234,8 @@ class RemoteRanker(Ranker):
 
     def apply(self, info: dict | None) -> None:
         """Take the engine's facts for this reranker (None: the engine is down)."""
-        if info is None:
-            self.state, self.error = "unavailable", "the engine is restarting"
-            self._ready.clear()
+        if not _take_state(self, info):
             return
-        self._facts = info
-        self.state, self.error = info["state"], info.get("error")
         if self.state == "ready":
             self._ready.set()
         else:
