@@ -287,3 +287,33 @@ def test_plain_gunicorn_with_the_shipped_config_runs_the_engine(tmp_path):
         log.close()
     assert code == 0
     assert not alive(new)
+
+
+def test_the_sigterm_handler_takes_no_lock_the_interrupted_code_may_hold(tmp_path, monkeypatch):
+    """A signal handler runs in the main thread between bytecodes, possibly while that thread holds
+    the lock of the Event its loop waits on; a handler that takes that lock never returns."""
+    from test_production import PLUGIN
+
+    from vecshim.engine.process import Engine
+
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "fakeplugin.py").write_text(
+        PLUGIN + "from vecshim import hookimpl\n\n@hookimpl\ndef register_backends(register):\n"
+        "    fake.register_backends(register)\n")
+    config = tmp_path / "vecshim.yaml"
+    config.write_text(yaml.safe_dump({"plugins": {"dirs": ["plugins"], "entrypoints": False}, **fake_model(),
+                                      "cache": {"enabled": False}}))
+    monkeypatch.syspath_prepend(str(ROOT / "tests"))
+    engine = Engine(str(config), str(tmp_path / "engine.sock"))
+    returned = threading.Event()
+
+    def interrupted_main_thread():
+        with engine._stop._cond:  # what Event.wait holds for an instant on every wake-up
+            engine.stop(signal.SIGTERM, None)
+            returned.set()
+
+    t = threading.Thread(target=interrupted_main_thread, daemon=True)
+    t.start()
+    assert returned.wait(30), "the SIGTERM handler blocked on a lock its own thread held"
+    t.join(30)
+    assert engine._stopping

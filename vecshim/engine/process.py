@@ -66,6 +66,9 @@ class Engine:
         self._lock = threading.Lock()
         self._sources: dict[str, Counter] = {}  # text in flight -> pids of the workers that sent it
         self._stop = threading.Event()
+        # Set by the SIGTERM handler. A plain flag: Event.set() in a handler can deadlock on
+        # the Event's lock when the signal lands while this thread holds it (seen in a test run).
+        self._stopping = False
         self._parent = os.getppid()
         for m in models.values():
             m._embed_batch = self._traced(m, m._embed_batch)
@@ -136,10 +139,12 @@ class Engine:
         self.models.start_loading()
         threading.Thread(target=self._accept, args=(listener,), name="vecshim-engine-accept", daemon=True).start()
         log.info("engine %d serving %d model(s) on %s", os.getpid(), len(self.models.models), self.socket_path)
-        while not self._stop.wait(1.0):
+        while not self._stopping:
+            time.sleep(0.2)
             if os.getppid() != self._parent:  # the master is gone (SIGKILL): do not outlive it
                 log.error("engine %d: the gunicorn master is gone; exiting", os.getpid())
                 break
+        self._stop.set()
         listener.close()
         served = [*self.models.models.values(), *self.models.rerankers.values()]
         timeout = max(m.cfg.timeout_s for m in served) if served else 30
@@ -148,8 +153,8 @@ class Engine:
         log.info("engine %d stopped", os.getpid())
 
     def stop(self, *_args) -> None:
-        """SIGTERM: stop taking connections and drain."""
-        self._stop.set()
+        """SIGTERM: stop taking connections and drain (the main loop sees the flag)."""
+        self._stopping = True
 
     def _accept(self, listener: socket.socket) -> None:
         while not self._stop.is_set():
