@@ -132,7 +132,6 @@ class Ranker:
         """Load the reranker, start its batcher and score one warm-up query."""
         start = time.monotonic()
         workers = self.cfg.batch.workers or self.backend.concurrency or 1
-        self.backend.concurrency = workers
         self.backend.load()
         from .resilience import Resilience
 
