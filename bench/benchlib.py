@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Sequence
 
 # The bundled model must never trigger a hub lookup.
@@ -156,3 +157,33 @@ def embed_chunks(backend, chunks: Sequence[Sequence[str]], threads: int) -> None
         t.start()
     for t in pool:
         t.join()
+
+
+def tree_pids(pid: int) -> list[int]:
+    """`pid` and all its descendants (from /proc)."""
+    procs, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        procs.append(p)
+        try:
+            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            pass
+    return procs
+
+
+def tree_memory(pid: int) -> dict:
+    """RSS and PSS (MiB) summed over `pid` and its descendants, and the process count."""
+    procs = tree_pids(pid)
+    rss = pss = 0
+    for p in procs:
+        try:
+            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Rss:"):
+                    rss += int(line.split()[1])
+                elif line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+        except OSError:
+            pass
+    return {"processes": len(procs), "rss_mib": round(rss / 1024, 1), "pss_mib": round(pss / 1024, 1)}
+

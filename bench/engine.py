@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import embed_chunks, machine_info, percentile
+from benchlib import embed_chunks, machine_info, percentile, tree_memory
 from corpus import get_corpus
 from run_all import REPO, free_port, run_json, start_server, stop_server, wait_ready
 from wrkload import available as wrk_available, run_wrk
@@ -90,29 +90,6 @@ def raw(texts: list[str], cpus: int, lone_texts: list[str]) -> dict:
     out["batch1_all_cores_p50_ms"] = round(percentile(lat, 50), 3)
     out["batch1_all_cores_p95_ms"] = round(percentile(lat, 95), 3)
     return out
-
-
-def tree_memory(pid: int) -> dict:
-    """RSS and PSS (MiB) summed over `pid` and its descendants, and the process count."""
-    procs, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        procs.append(p)
-        try:
-            todo += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
-        except OSError:
-            pass
-    rss = pss = 0
-    for p in procs:
-        try:
-            for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
-                if line.startswith("Rss:"):
-                    rss += int(line.split()[1])
-                elif line.startswith("Pss:"):
-                    pss += int(line.split()[1])
-        except OSError:
-            pass
-    return {"processes": len(procs), "rss_mib": round(rss / 1024, 1), "pss_mib": round(pss / 1024, 1)}
 
 
 def load(url: str, clients: int, procs: int, duration: float, corpus: str, seed: int, client: str = "wrk") -> dict:

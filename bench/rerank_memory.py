@@ -26,28 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import free_port, wait_http  # noqa: E402
 from test_rerank_cross_encoder import save_tiny_cross_encoder  # noqa: E402
 
-
-def tree(pid: int) -> list[int]:
-    """`pid` and its direct children."""
-    out = [pid]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                out.append(int(entry))
-    return out
-
-
-def rss_pss_kib(pid: int) -> tuple[int, int]:
-    values = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        key, _, rest = line.partition(":")
-        if key in ("Rss", "Pss"):
-            values[key] = int(rest.split()[0])
-    return values["Rss"], values["Pss"]
+from benchlib import tree_memory, tree_pids  # noqa: E402
 
 
 def measure(config: Path, args: list[str]) -> dict:
@@ -64,11 +43,10 @@ def measure(config: Path, args: list[str]) -> dict:
             req = urllib.request.Request(f"http://127.0.0.1:{port}/rerank", body, {"Content-Type": "application/json"})
             urllib.request.urlopen(req, timeout=60).read()
         time.sleep(1)
-        pids = tree(proc.pid)
-        mem = [rss_pss_kib(p) for p in pids]
-        torch = sum("libtorch" in Path(f"/proc/{p}/maps").read_text() for p in pids)
-        return {"args": " ".join(args), "processes": len(pids), "rss_mib": round(sum(r for r, _ in mem) / 1024),
-                "pss_mib": round(sum(p for _, p in mem) / 1024), "with_torch": torch}
+        mem = tree_memory(proc.pid)
+        torch = sum("libtorch" in Path(f"/proc/{p}/maps").read_text() for p in tree_pids(proc.pid))
+        return {"args": " ".join(args), "processes": mem["processes"], "rss_mib": round(mem["rss_mib"]),
+                "pss_mib": round(mem["pss_mib"]), "with_torch": torch}
     finally:
         proc.terminate()
         proc.wait(60)
