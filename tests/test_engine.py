@@ -14,7 +14,7 @@ import yaml
 
 from conftest import VENV_BIN, free_port, wait_http
 from goclient import GoClient
-from test_production import fake_model, metric, start, stop
+from test_production import fake_model, metric, start, start_in_flight, stop
 from vecshim.server import DEFAULT_WORKERS
 
 pytestmark = pytest.mark.slow
@@ -165,15 +165,7 @@ def test_sigterm_drains_the_engine_after_the_workers(tmp_path):
     proc = start(tmp_path, {**fake_model(delay_s=0.3), "cache": {"enabled": False}}, "--workers", "2")
     try:
         engine = meta(proc.port)["engine"]["pid"]
-        results = []
-
-        def call(i):
-            c = GoClient("127.0.0.1", proc.port)
-            results.append(c.vectors(f"in flight {i}").status)
-
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(24)]
-        for t in threads:
-            t.start()
+        threads, results = start_in_flight(proc.port, 24)
         time.sleep(0.4)  # connected; the first batch is embedding, the rest queued in the engine
         proc.send_signal(signal.SIGTERM)
         for t in threads:

@@ -54,6 +54,20 @@ def stop(proc):
     proc.logfile.close()
 
 
+def start_in_flight(port: int, n: int) -> tuple[list[threading.Thread], list[int]]:
+    """`n` clients each sending one `/vectors` request; their statuses land in the list."""
+    results: list[int] = []
+
+    def call(i):
+        c = GoClient("127.0.0.1", port)
+        results.append(c.vectors(f"in flight {i}").status)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    return threads, results
+
+
 def fake_model(**opts):
     return {"models": {"fake": {"backend": "fake", "options": {"dim": 8, **opts}}}}
 
@@ -78,15 +92,7 @@ def test_sigterm_finishes_every_in_flight_request_and_readiness_turns_503(tmp_pa
     try:
         watcher = GoClient("127.0.0.1", proc.port)
         assert watcher.request("GET", "/.well-known/ready").status == 204
-        results = []
-
-        def call(i):
-            c = GoClient("127.0.0.1", proc.port)
-            results.append(c.vectors(f"in flight {i}").status)
-
-        threads = [threading.Thread(target=call, args=(i,)) for i in range(24)]
-        for t in threads:
-            t.start()
+        threads, results = start_in_flight(proc.port, 24)
         time.sleep(0.4)  # all connected, the first batch is embedding, the rest queued
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
