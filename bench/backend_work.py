@@ -37,14 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import machine_info, percentile
+from benchlib import emit_report, loadavg, machine_info, percentile
 from corpus import get_corpus
 
 SECTIONS = ("tokenize", "fusion", "cost", "solo")
-
-
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def light_backend(threads: int = 1, **options):
@@ -368,10 +364,7 @@ def main() -> None:
         report[name]["loadavg_after"] = loadavg()
         report[name]["seconds"] = round(time.monotonic() - start, 1)
         print(json.dumps({name: report[name]}), file=sys.stderr, flush=True)
-    text = json.dumps(report, indent=1)
-    if args.json_out:
-        Path(args.json_out).write_text(text)
-    print(text)
+    emit_report(report, args.json_out)
 
 
 if __name__ == "__main__":

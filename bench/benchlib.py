@@ -1,6 +1,7 @@
 """Shared helpers for the bench scripts: model loading, percentiles, machine info."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -186,4 +187,17 @@ def tree_memory(pid: int) -> dict:
         except OSError:
             pass
     return {"processes": len(procs), "rss_mib": round(rss / 1024, 1), "pss_mib": round(pss / 1024, 1)}
+
+
+def loadavg() -> str:
+    """The first three fields of /proc/loadavg."""
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+def emit_report(report: dict, json_out: str | None) -> None:
+    """Print a benchmark's JSON report, and write it to `json_out` if given."""
+    text = json.dumps(report, indent=1)
+    if json_out:
+        Path(json_out).write_text(text)
+    print(text)
 

@@ -37,14 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
-from benchlib import embed_chunks, sorted_chunks
+from benchlib import embed_chunks, loadavg, sorted_chunks
 from corpus import get_corpus
 
 VENV_BIN = Path(sys.executable).parent
-
-
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def make_backend(config: str | None, workers: int):

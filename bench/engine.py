@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import embed_chunks, machine_info, percentile, tree_memory
+from benchlib import embed_chunks, emit_report, loadavg, machine_info, percentile, tree_memory
 from corpus import get_corpus
 from run_all import REPO, free_port, run_json, start_server, stop_server, wait_ready
 from wrkload import available as wrk_available, run_wrk
@@ -41,10 +41,6 @@ from wrkload import available as wrk_available, run_wrk
 LAYOUTS = ("1:off", "2:on", "4:on")
 SEED_32 = 7     # corpus seed of the raw rate and of every 32-client cache-off run
 SEED_1 = 4242   # corpus seed of the raw batch-1 latency and of every 1-client run
-
-
-def loadavg() -> str:
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def _backend(concurrency: int, threads: int):
@@ -197,10 +193,7 @@ def main() -> None:
                                                args.client, json.loads(args.options) if args.options else None)
             print(json.dumps({layout: report["layouts"][layout]}), file=sys.stderr, flush=True)
     report["loadavg_end"] = loadavg()
-    text = json.dumps(report, indent=1)
-    if args.json_out:
-        Path(args.json_out).write_text(text)
-    print(text)
+    emit_report(report, args.json_out)
 
 
 if __name__ == "__main__":

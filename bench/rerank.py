@@ -28,17 +28,12 @@ import threading
 import time
 from pathlib import Path
 
-from benchlib import embed_chunks, machine_info, percentile, sorted_chunks
+from benchlib import embed_chunks, loadavg, machine_info, percentile, sorted_chunks
 from corpus import get_corpus
 from goclient import go_json
 from run_all import REPO, free_port, start_server, stop_server, wait_ready
 
 DOCS_PER_CALL = 32
-
-
-def loadavg() -> str:
-    """The first three fields of /proc/loadavg."""
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def raw_rates(docs: list[str], torch_docs: int = 2048) -> dict:

@@ -24,18 +24,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import embed_chunks, machine_info, wait_quiet
+from benchlib import embed_chunks, loadavg, machine_info, wait_quiet
 from corpus import get_corpus
 from raw_limit import _throughput
 from run_all import REPO, free_port, run_json, start_server, stop_server, wait_ready
 
 RUNTIMES = ("torch", "onnx", "onnx-int8")
 SIZES = (1, 4, 8, 16, 32)
-
-
-def loadavg() -> str:
-    """The first three fields of /proc/loadavg."""
-    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
 def raw_torch(texts: list[str], threads: int) -> dict:
