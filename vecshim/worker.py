@@ -30,6 +30,7 @@ import logging
 import select
 import selectors
 import socket
+import threading
 import time
 from functools import partial
 
@@ -82,10 +83,12 @@ class VecshimWorker(ThreadWorker):
         self._lingering: dict = {}  # sock -> (deadline, bytes discarded)
         self._limits = ReadLimits()
         self._buffered = 0  # bytes held by connections being read
-        self._in_threads = 0  # threads inside handle()
+        self._in_threads = 0  # threads inside handle(), under _in_lock
+        self._in_lock = threading.Lock()
         super().init_process()
 
     def load_wsgi(self):
+        self._pool_size = self.cfg.threads  # read per request: gunicorn's Config lookups are not free
         super().load_wsgi()
         self._limits = read_limits(self.wsgi)
 
@@ -255,8 +258,9 @@ class VecshimWorker(ThreadWorker):
 
     # -- in the thread -------------------------------------------------------
     def handle(self, conn):
-        self._in_threads += 1  # += on an int attribute is not atomic, but a stale count only
-        try:                   # changes whether a thread lingers, never correctness
+        with self._in_lock:
+            self._in_threads += 1
+        try:
             keep = super().handle(conn)
             while keep is True and self._plain() and self._may_linger():
                 nxt = self._next_request(conn)
@@ -267,10 +271,11 @@ class VecshimWorker(ThreadWorker):
                 keep = super().handle(conn)
             return keep
         finally:
-            self._in_threads -= 1
+            with self._in_lock:
+                self._in_threads -= 1
 
     def _may_linger(self) -> bool:
-        return self.alive and self._in_threads * 2 <= self.cfg.threads
+        return self.alive and self._in_threads * 2 <= self._pool_size
 
     def _next_request(self, conn):
         """Wait briefly for the next request; True if it was read whole, False if the client left.
