@@ -118,6 +118,7 @@ class SentenceTransformersBackend(TokenizerTextMixin, Backend):
     #: Modules each runtime needs beyond `requires` (installed by `vecshim[onnx]`).
     runtime_modules = RUNTIME_MODULES
     in_process = True
+    inline_calls = True  # local compute: a lone text runs on its request thread
     batch_cost = DEFAULT_COST
 
     def __init__(self, options: SentenceTransformersOptions):
