@@ -20,7 +20,7 @@ from pathlib import Path
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 
-from .backends.local import available_cpus
+from .cpus import available_cpus
 from .errors import ConfigError
 
 __all__ = ["DEFAULTS", "DEFAULT_WORKERS", "VecshimServer", "check_models", "default_workers", "use_engine",
