@@ -284,7 +284,7 @@ def _lone_p50(light, texts) -> tuple[float, float]:
 
 def solo(rounds: int, duration: float, procs: int, serve: bool) -> dict:
     """All-cores solo session: spinning off vs on, raw and served."""
-    from vecshim.backends.local import available_cpus
+    from vecshim.cpus import available_cpus
     from vecshim.backends.onnx_light import _session
 
     cpus = available_cpus()

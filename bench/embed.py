@@ -97,7 +97,7 @@ def main() -> int:
     p.add_argument("--config", help="vecshim YAML (default: the bundled model, as `vecshim embed` runs it)")
     p.add_argument("--json-out", help="also write the result here")
     args = p.parse_args()
-    from vecshim.backends.local import available_cpus
+    from vecshim.cpus import available_cpus
 
     texts = [t.replace("\n", " ") for t in get_corpus(args.lines)]
     cpus = available_cpus()

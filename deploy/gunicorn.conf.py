@@ -12,13 +12,15 @@ config from `VECSHIM_CONFIG`, so name it there, not as `create_app`'s argument.
 """
 import os
 
-from vecshim.server import DEFAULT_WORKERS, DEFAULTS, HOOKS, logconfig_for, prepare_metrics_dir, remove_metrics_dir
+from vecshim.server import DEFAULTS, HOOKS, logconfig_for, plain_gunicorn_env, prepare_metrics_dir, remove_metrics_dir
 
+# VECSHIM_* checked first: a bad value stops gunicorn with one line, not a traceback.
+_env = plain_gunicorn_env()
 # Before any worker imports prometheus_client: one folder shared by all workers.
 _metrics_dir = prepare_metrics_dir()
 
-bind = os.environ.get("VECSHIM_BIND", DEFAULTS["bind"])
-workers = int(os.environ.get("VECSHIM_WORKERS", str(DEFAULT_WORKERS)))
+bind = _env["bind"]
+workers = _env["workers"]
 worker_class = DEFAULTS["worker_class"]
 threads = DEFAULTS["threads"]
 keepalive = DEFAULTS["keepalive"]          # above Go's 90 s idle reuse
@@ -31,8 +33,8 @@ errorlog = "-"
 # The master's lines in the same format (text or JSON, `logging:` of the config) as the workers'.
 logconfig_dict = logconfig_for(os.environ.get("VECSHIM_CONFIG"))
 control_socket_disable = True
-max_requests = int(os.environ.get("VECSHIM_MAX_REQUESTS", "0"))   # worker recycling, 0 = off
-max_requests_jitter = int(os.environ.get("VECSHIM_MAX_REQUESTS_JITTER", "0"))
+max_requests = _env["max_requests"]       # worker recycling, 0 = off
+max_requests_jitter = _env["max_requests_jitter"]
 
 post_fork = HOOKS["post_fork"]
 post_worker_init = HOOKS["post_worker_init"]

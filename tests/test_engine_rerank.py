@@ -166,3 +166,75 @@ def test_engine_killed_reranking_answers_json_503_then_recovers(servers):
     assert not alive(engine)
     r = post(engine_srv.port, "/rerank", body)
     assert r.status == 200 and r.json() == want
+
+
+def test_hup_reload_swaps_the_rerankers_engine_with_zero_failed_requests(tmp_path_factory):
+    """HUP under rerank traffic: no failed request, and the new engine serves the reloaded reranker config."""
+    import threading
+    import time
+
+    import yaml
+
+    models = tmp_path_factory.mktemp("tiny-ces")
+    first, second = (str(save_tiny_cross_encoder(models / f"seed{s}", seed=s)) for s in (0, 1))
+    config = {**fake_model(), "cache": {"enabled": False}, "default_reranker": "ce", "rerankers": {
+        "ce": {"backend": "cross-encoder", "options": {"model": first}},
+        "other": {"backend": "cross-encoder", "options": {"model": second}},
+    }}
+    home = tmp_path_factory.mktemp("serve-hup")
+    proc = start(home, config, "--workers", "2", ready=False)
+    try:
+        wait_http(f"http://127.0.0.1:{proc.port}/.well-known/ready", 240, proc=proc)
+        body = {"query": QUERY, "documents": DOCS, "property": ""}
+        old_answer = post(proc.port, "/rerank", body)
+        # What `ce` must answer once it names the second model: `other`'s scores today.
+        new_answer = post(proc.port, "/models/other/rerank", body)
+        assert old_answer.status == new_answer.status == 200
+        assert old_answer.json() != new_answer.json(), "the two tiny models score alike: the check would prove nothing"
+        old_engine = meta(proc.port)["engine"]["pid"]
+
+        statuses: list = []
+        stop_load = threading.Event()
+
+        def client(i):
+            n = 0
+            while not stop_load.is_set():
+                try:
+                    r = post(proc.port, "/rerank", {**body, "query": f"{QUERY} {i} {n}"})
+                    statuses.append(r.status)
+                except OSError as err:  # a refused or reset connection is a failed request too
+                    statuses.append(repr(err))
+                n += 1
+
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        time.sleep(0.5)
+        cfg_path = home / "vecshim.yaml"
+        cfg = yaml.safe_load(cfg_path.read_text())
+        cfg["rerankers"]["ce"]["options"]["model"] = second
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        proc.send_signal(signal.SIGHUP)
+
+        def swapped():
+            m = meta(proc.port)
+            return m["engine"]["pid"] not in (None, old_engine) and m["rerankers"]["ce"]["state"] == "ready" \
+                and same(post(proc.port, "/rerank", body)) == same(new_answer)
+
+        after = wait_for(swapped, 120, 0.2)
+        time.sleep(0.5)
+        stop_load.set()
+        for t in threads:
+            t.join(60)
+        assert after, "after HUP /rerank did not answer from a new engine with the reloaded model"
+        during = len(statuses)
+        assert during > 20 and set(statuses) == {200}, [s for s in statuses if s != 200][:5]
+        assert wait_for(lambda: not alive(old_engine), 60, 0.2), "the old engine kept running"
+        for _ in range(4):  # new connections, any worker: all answer with the new model, from the new engine
+            r = post(proc.port, "/rerank", body)
+            assert r.status == 200 and same(r) == same(new_answer)
+        new_engine = meta(proc.port)["engine"]["pid"]
+        assert new_engine != old_engine and new_engine in children(proc.pid)
+        assert [pid for pid in children(proc.pid) if maps(pid, "libtorch")] == [new_engine]
+    finally:
+        stop(proc)

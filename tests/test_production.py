@@ -206,6 +206,34 @@ def test_plain_gunicorn_with_the_shipped_config(tmp_path):
     assert proc.returncode == 0
 
 
+@pytest.mark.parametrize("name, value, conf", [
+    ("VECSHIM_ENGINE", "sometimes", "shipped"),
+    ("VECSHIM_WORKERS", "many", "shipped"),
+    ("VECSHIM_MAX_REQUESTS", "-3", "shipped"),
+    # a gunicorn config of the operator's own with only vecshim's hooks: the engine is decided in on_starting
+    ("VECSHIM_ENGINE", "sometimes", "hooks only"),
+])
+def test_plain_gunicorn_bad_setting_is_one_line_not_a_traceback(tmp_path, name, value, conf):
+    """A bad `VECSHIM_*` value under plain gunicorn: status 2, the setting named in one line, no traceback."""
+    if conf == "shipped":
+        gconf = TESTS.parent / "deploy" / "gunicorn.conf.py"
+    else:
+        gconf = tmp_path / "gunicorn_conf.py"
+        gconf.write_text("from vecshim.server import HOOKS\nworkers = 2\non_starting = HOOKS['on_starting']\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("PROMETHEUS_MULTIPROC_DIR", "VECSHIM_CONFIG")}
+    env.update({name: value, "VECSHIM_BIND": f"127.0.0.1:{free_port()}"})
+    proc = subprocess.run([str(VENV_BIN / "gunicorn"), "-c", str(gconf), "--bind", env["VECSHIM_BIND"],
+                           "vecshim.app:create_app()"], env=env, capture_output=True, text=True, timeout=60,
+                          cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 2, out
+    assert "Traceback" not in out
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("config error:")]
+    assert errors == [f"config error: {name}={value!r}: " + ("expected auto, on or off" if name == "VECSHIM_ENGINE"
+                                                             else f"expected a whole number >= "
+                                                                  f"{1 if name == 'VECSHIM_WORKERS' else 0}")], out
+
+
 def test_requests_gunicorn_rejects_still_get_json(tmp_path):
     """A malformed request line or oversized headers never reach Flask; the reply is JSON anyway."""
     import socket

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from conftest import REFERENCE_TEXTS, cos
-from vecshim.backends.local import SentenceTransformersBackend as B, available_cpus
+from vecshim.backends.local import SentenceTransformersBackend as B
+from vecshim.cpus import available_cpus
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("onnxruntime")

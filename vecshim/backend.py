@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal, Sequence
 from pydantic import BaseModel, ConfigDict
 
 __all__ = ["Backend", "BackendOptions", "Task", "TASKS", "count_with_tokenizer", "split_with_tokenizer",
-           "TokenizerTextMixin", "estimate_tokens", "split_by_chars"]
+           "TokenizerTextMixin", "EstimatedTextMixin", "estimate_tokens", "split_by_chars"]
 
 #: Weaviate's two task types; `passage` is used when a request names none.
 Task = Literal["query", "passage"]
@@ -56,13 +56,25 @@ def split_by_chars(text: str, max_tokens: int) -> list[str]:
     return [text[i:i + size] for i in range(0, len(text), size)] or [text]
 
 
+class EstimatedTextMixin:
+    """The default token methods of `Backend` and `Reranker`: estimates from characters."""
+
+    def count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """Return each text's token count; the default estimates from characters."""
+        return estimate_tokens(texts)
+
+    def split_text(self, text: str, max_tokens: int) -> list[str]:
+        """Split `text` into consecutive windows of at most `max_tokens` tokens."""
+        return split_by_chars(text, max_tokens)
+
+
 class BackendOptions(BaseModel):
     """Base for a backend's `Options`: unknown keys are rejected."""
 
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
-class Backend(ABC):
+class Backend(EstimatedTextMixin, ABC):
     """An embedding backend: turns a list of texts into a list of vectors.
 
     Subclasses set `name` and `Options`, may override `load()` for heavy
@@ -155,14 +167,6 @@ class Backend(ABC):
         """
         return self.info()
 
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Return each text's token count; the default estimates from characters."""
-        return estimate_tokens(texts)
-
-    def split_text(self, text: str, max_tokens: int) -> list[str]:
-        """Split `text` into consecutive windows of at most `max_tokens` tokens."""
-        return split_by_chars(text, max_tokens)
-
     @abstractmethod
     def embed(self, texts: list[str], task: Task) -> Sequence[Sequence[float]]:
         """Embed `texts` for `task` and return one vector per text, in order.
@@ -176,11 +180,11 @@ class Backend(ABC):
         """Release clients and threads at shutdown."""
 
 
-class TokenizerTextMixin:
+class TokenizerTextMixin(EstimatedTextMixin):
     """`count_tokens` and `split_text` from a `tokenizers.Tokenizer` kept in `self._counter`.
 
-    Put it before `Backend` in the bases; until `load()` sets `_counter`, the
-    character-based estimates of `Backend` apply.
+    Put it before `Backend` or `Reranker` in the bases; until `load()` sets
+    `_counter`, the character-based estimates apply.
     """
 
     _counter = None

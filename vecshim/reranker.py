@@ -6,7 +6,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 
 from pydantic import BaseModel
 
-from .backend import BackendOptions, estimate_tokens, split_by_chars
+from .backend import BackendOptions, EstimatedTextMixin
 
 __all__ = ["Reranker", "RerankerOptions"]
 
@@ -15,7 +15,7 @@ class RerankerOptions(BackendOptions):
     """Base for a reranker's `Options`: unknown keys are rejected."""
 
 
-class Reranker(ABC):
+class Reranker(EstimatedTextMixin, ABC):
     """A reranker: gives each document one relevance score for a query.
 
     Subclasses set `name` and `Options`, may override `load()`, `info()`,
@@ -71,14 +71,6 @@ class Reranker(ABC):
     def fingerprint_parts(self) -> dict[str, Any]:
         """Return what decides the scores (model id, revision...); fallbacks must share it."""
         return self.info()
-
-    def count_tokens(self, texts: Sequence[str]) -> list[int]:
-        """Return each text's token count; the default estimates from characters."""
-        return estimate_tokens(texts)
-
-    def split_text(self, text: str, max_tokens: int) -> list[str]:
-        """Split `text` into consecutive windows of at most `max_tokens` tokens."""
-        return split_by_chars(text, max_tokens)
 
     @abstractmethod
     def score(self, query: str, documents: list[str]) -> Sequence[float]:

@@ -13,6 +13,7 @@ import os
 import runpy
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -20,11 +21,11 @@ from pathlib import Path
 from gunicorn import util as gunicorn_util
 from gunicorn.app.base import BaseApplication
 
-from .backends.local import available_cpus
+from .cpus import available_cpus
 from .errors import ConfigError
 
 __all__ = ["DEFAULTS", "DEFAULT_WORKERS", "VecshimServer", "check_models", "default_workers", "use_engine",
-           "read_gunicorn_config", "logconfig_for"]
+           "read_gunicorn_config", "logconfig_for", "plain_gunicorn_env"]
 
 log = logging.getLogger("vecshim.server")
 
@@ -208,11 +209,50 @@ def _engine(server):
     return getattr(server.app, "engine", None)
 
 
-def _plain_gunicorn_engine(server):
-    """The engine of `gunicorn -c deploy/gunicorn.conf.py`: `$VECSHIM_ENGINE` (auto|on|off) as `--engine`."""
+def _exit_on_config_error(err: ConfigError):
+    """Leave gunicorn's master with one line and status 2, as `vecshim serve` does, not a traceback."""
+    print(f"config error: {err.message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def _env_int(name: str, default: int, least: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise ConfigError(f"{name}={raw!r}: expected a whole number >= {least}")
+    return value
+
+
+def _env_engine() -> str:
     mode = os.environ.get("VECSHIM_ENGINE", "auto")
     if mode not in ("auto", "on", "off"):
         raise ConfigError(f"VECSHIM_ENGINE={mode!r}: expected auto, on or off")
+    return mode
+
+
+def plain_gunicorn_env() -> dict:
+    """The `VECSHIM_*` settings of deploy/gunicorn.conf.py, checked; a bad value ends the process with one line."""
+    try:
+        _env_engine()
+        return {"bind": os.environ.get("VECSHIM_BIND", DEFAULTS["bind"]),
+                "workers": _env_int("VECSHIM_WORKERS", DEFAULT_WORKERS, 1),
+                "max_requests": _env_int("VECSHIM_MAX_REQUESTS", 0, 0),
+                "max_requests_jitter": _env_int("VECSHIM_MAX_REQUESTS_JITTER", 0, 0)}
+    except ConfigError as err:
+        _exit_on_config_error(err)
+
+
+def _plain_gunicorn_engine(server):
+    """The engine of `gunicorn -c deploy/gunicorn.conf.py`: `$VECSHIM_ENGINE` (auto|on|off) as `--engine`."""
+    try:
+        mode = _env_engine()
+    except ConfigError as err:  # a gunicorn config of its own that did not call plain_gunicorn_env()
+        _exit_on_config_error(err)
     if not use_engine(mode, server.cfg.workers):
         return None
     from .engine.supervisor import EngineSupervisor

@@ -54,6 +54,13 @@ def _find_api_key(api_key: SecretStr | None, api_key_file: Path | None,
     return None
 
 
+def one_key_source(options):
+    """Options validator (`model_validator(mode="after")`): `api_key` or `api_key_file`, not both."""
+    if options.api_key is not None and options.api_key_file is not None:
+        raise ValueError("set api_key or api_key_file, not both")
+    return options
+
+
 def key_problems(api_key: SecretStr | None, api_key_file: Path | None, env_names: Sequence[str],
                  backend: str, key_optional: bool) -> list[tuple[str, str]]:
     """Backend.preflight for a hosted API: the key resolves (option, file or env) and is not empty."""

@@ -17,9 +17,10 @@ from ..errors import BackendError, ConfigError, UpstreamError
 from ..hookspecs import hookimpl
 from ..budget import account_id
 from ..ratelimit import Reply, read_cohere_headers
-from ._hosted import check_vectors, endpoint_host, key_problems, redact, resolve_api_key, upstream_detail
+from ._hosted import (check_vectors, endpoint_host, key_problems, one_key_source, redact, resolve_api_key,
+                      upstream_detail)
 
-__all__ = ["CohereBackend", "CohereOptions"]
+__all__ = ["CohereBackend", "CohereClientMixin", "CohereOptions"]
 
 #: Statuses worth another try: rate limits and server errors.
 RETRYABLE_STATUSES = frozenset({408, 429})
@@ -28,6 +29,8 @@ AUTH_STATUSES = frozenset({401, 403, 498})
 #: Used as the key for a compatible server that needs none: the SDK insists on one.
 NO_KEY = "no-key"
 DEFAULT_HOST = "api.cohere.com"
+#: Environment variables a key may come from, in order.
+KEY_ENV = ("CO_API_KEY", "COHERE_API_KEY")
 
 
 class CohereOptions(BackendOptions):
@@ -45,14 +48,76 @@ class CohereOptions(BackendOptions):
     max_batch_size: int = Field(96, ge=1)
     max_input_tokens: int = Field(512, ge=1)
 
-    @model_validator(mode="after")
-    def _check_key_source(self) -> CohereOptions:
-        if self.api_key is not None and self.api_key_file is not None:
-            raise ValueError("set api_key or api_key_file, not both")
-        return self
+    _check_key_source = model_validator(mode="after")(one_key_source)
 
 
-class CohereBackend(Backend):
+class CohereClientMixin:
+    """The SDK client of the `cohere` backend and reranker: the key, our own httpx client, no SDK retries,
+    and errors mapped so that no message holds the key. Put it before `Backend` or `Reranker`."""
+
+    _client: Any = None
+    _http: Any = None
+    _key: str | None = None
+    _errors: tuple[type[Exception], ...] = ()
+    _httpx: Any = None
+
+    def _open_client(self, kind: str) -> None:
+        """Import the SDK and build the client (no network call); `kind` is `backend` or `reranker`."""
+        try:
+            import cohere
+            import httpx
+        except ImportError:
+            raise ConfigError(f"{kind} 'cohere' needs: pip install 'vecshim[cohere]'") from None
+        opts = self.options
+        self._key = resolve_api_key(opts.api_key, opts.api_key_file, KEY_ENV, self.name)
+        if self._key is None:
+            if not opts.base_url:
+                raise ConfigError(f"{kind} 'cohere' needs an API key: set options.api_key, "
+                                  "options.api_key_file, CO_API_KEY or COHERE_API_KEY")
+            self._key = NO_KEY
+        # Our own httpx client, so that close() can release its connections.
+        self._http = httpx.Client(timeout=opts.timeout_s)
+        self._client = cohere.ClientV2(api_key=self._key, base_url=opts.base_url,
+                                       timeout=opts.timeout_s, max_retries=0,
+                                       httpx_client=self._http)
+        self._errors = (cohere.core.ApiError, cohere.core.ParsingError, httpx.HTTPError)
+        self._httpx = httpx
+
+    def close(self) -> None:
+        """Close the HTTP client."""
+        if self._http is not None:
+            self._http.close()
+            self._http = self._client = None
+
+    def _map_error(self, exc: Exception) -> BackendError:
+        """Turn an SDK or httpx exception into an error whose message never holds the key."""
+        httpx = self._httpx
+        if isinstance(exc, httpx.TimeoutException):
+            return UpstreamError(f"cohere upstream timed out (timeout_s={self.options.timeout_s:g})",
+                                 retryable=True)
+        if isinstance(exc, httpx.TransportError):
+            return UpstreamError(f"cohere upstream connection failed ({type(exc).__name__})",
+                                 retryable=True)
+        status = getattr(exc, "status_code", None)
+        if not isinstance(status, int) or 200 <= status < 300:
+            # The SDK raises ApiError with the 2xx status when the body is not JSON.
+            return BackendError("cohere upstream returned a reply that is not valid JSON")
+        retryable = status in RETRYABLE_STATUSES or status >= 500
+        if status in AUTH_STATUSES:
+            detail = "authentication failed" if status != 403 else "permission denied"
+        elif status == 429:
+            detail = "rate limited"
+        else:
+            detail = upstream_detail(self.name, status, _error_message(getattr(exc, "body", None)), self._key)
+        info = read_cohere_headers(getattr(exc, "headers", None))
+        error = UpstreamError(f"cohere upstream returned {status} ({detail})",
+                              upstream_status=status, retryable=retryable,
+                              retry_after=info.retry_after_s)
+        error.info = info
+        return error
+
+
+class CohereBackend(CohereClientMixin, Backend):
     """Embeddings from Cohere's `POST /v2/embed`."""
 
     name = "cohere"
@@ -70,40 +135,15 @@ class CohereBackend(Backend):
         self.dimension = options.output_dimension
         self.input_types = {"query": options.input_type_query,
                             "passage": options.input_type_passage}
-        self._client: Any = None
-        self._http: Any = None
-        self._key: str | None = None
-        self._errors: tuple[type[Exception], ...] = ()
-        self._httpx: Any = None
 
     def preflight(self) -> list[tuple[str, str]]:
         """A key must come from the options, the key file or the environment (unless base_url is set)."""
         opts = self.options
-        env = ("CO_API_KEY", "COHERE_API_KEY")
-        return key_problems(opts.api_key, opts.api_key_file, env, self.name, key_optional=bool(opts.base_url))
+        return key_problems(opts.api_key, opts.api_key_file, KEY_ENV, self.name, key_optional=bool(opts.base_url))
 
     def load(self) -> None:
         """Import the SDK and build the client (no network call)."""
-        try:
-            import cohere
-            import httpx
-        except ImportError:
-            raise ConfigError("backend 'cohere' needs: pip install 'vecshim[cohere]'") from None
-        opts = self.options
-        env = ("CO_API_KEY", "COHERE_API_KEY")
-        self._key = resolve_api_key(opts.api_key, opts.api_key_file, env, self.name)
-        if self._key is None:
-            if not opts.base_url:
-                raise ConfigError("backend 'cohere' needs an API key: set options.api_key, "
-                                  "options.api_key_file, CO_API_KEY or COHERE_API_KEY")
-            self._key = NO_KEY
-        # Our own httpx client, so that close() can release its connections.
-        self._http = httpx.Client(timeout=opts.timeout_s)
-        self._client = cohere.ClientV2(api_key=self._key, base_url=opts.base_url,
-                                       timeout=opts.timeout_s, max_retries=0,
-                                       httpx_client=self._http)
-        self._errors = (cohere.core.ApiError, cohere.core.ParsingError, httpx.HTTPError)
-        self._httpx = httpx
+        self._open_client("backend")
 
     def info(self) -> dict[str, Any]:
         """Return the model, the upstream host, input types and dimension (never the key)."""
@@ -152,39 +192,6 @@ class CohereBackend(Backend):
         billed = getattr(getattr(getattr(reply, "meta", None), "billed_units", None), "input_tokens", None)
         info.tokens_used = int(billed) if isinstance(billed, (int, float)) and billed >= 0 else None
         return Reply(check_vectors(vectors, len(texts), self.options.output_dimension, self.name), info)
-
-    def close(self) -> None:
-        """Close the HTTP client."""
-        if self._http is not None:
-            self._http.close()
-            self._http = self._client = None
-
-    def _map_error(self, exc: Exception) -> BackendError:
-        """Turn an SDK or httpx exception into an error whose message never holds the key."""
-        httpx = self._httpx
-        if isinstance(exc, httpx.TimeoutException):
-            return UpstreamError(f"cohere upstream timed out (timeout_s={self.options.timeout_s:g})",
-                                 retryable=True)
-        if isinstance(exc, httpx.TransportError):
-            return UpstreamError(f"cohere upstream connection failed ({type(exc).__name__})",
-                                 retryable=True)
-        status = getattr(exc, "status_code", None)
-        if not isinstance(status, int) or 200 <= status < 300:
-            # The SDK raises ApiError with the 2xx status when the body is not JSON.
-            return BackendError("cohere upstream returned a reply that is not valid JSON")
-        retryable = status in RETRYABLE_STATUSES or status >= 500
-        if status in AUTH_STATUSES:
-            detail = "authentication failed" if status != 403 else "permission denied"
-        elif status == 429:
-            detail = "rate limited"
-        else:
-            detail = upstream_detail(self.name, status, _error_message(getattr(exc, "body", None)), self._key)
-        info = read_cohere_headers(getattr(exc, "headers", None))
-        error = UpstreamError(f"cohere upstream returned {status} ({detail})",
-                              upstream_status=status, retryable=retryable,
-                              retry_after=info.retry_after_s)
-        error.info = info
-        return error
 
 
 def _error_message(body: Any) -> str:

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from ..backend import Backend, BackendOptions, TokenizerTextMixin
+from ..cpus import available_cpus
 from ..errors import BackendError, ConfigError
 from ..hookspecs import hookimpl
 from .runtimes import RUNTIME_MODULES, default_cache_dir
@@ -50,21 +51,6 @@ def pooling_strategies(mode: str | None) -> tuple[str, ...]:
 #: the fastest whose vectors match torch's. Served on 2 cores, onnx gave 1.61x the raw
 #: torch batch-32 rate with min cosine 1.000000 to torch (bench/RESULTS.md "Runtimes").
 BUNDLED_AUTO_RUNTIME = "onnx"
-
-
-def available_cpus() -> int:
-    """CPUs this process may use: affinity mask and cgroup quota, not the node's core count."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        n = os.cpu_count() or 1
-    try:  # cgroup v2 quota, e.g. "200000 100000" for a 2-CPU container limit
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, int(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, n)
 
 
 def resolve_model(name: str) -> tuple[str, bool]:

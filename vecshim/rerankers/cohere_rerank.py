@@ -11,9 +11,9 @@ from typing import Any
 
 from pydantic import Field, SecretStr, model_validator
 
-from ..backends._hosted import endpoint_host, resolve_api_key
-from ..backends.cohere_api import DEFAULT_HOST, NO_KEY, CohereBackend
-from ..errors import BackendError, ConfigError
+from ..backends._hosted import endpoint_host, one_key_source
+from ..backends.cohere_api import DEFAULT_HOST, CohereClientMixin
+from ..errors import BackendError
 from ..hookspecs import hookimpl
 from ..reranker import Reranker, RerankerOptions
 
@@ -36,14 +36,10 @@ class CohereRerankOptions(RerankerOptions):
     #: Cohere's own truncation of each document (None: the API's default).
     max_tokens_per_doc: int | None = Field(None, ge=1)
 
-    @model_validator(mode="after")
-    def _check_key_source(self) -> CohereRerankOptions:
-        if self.api_key is not None and self.api_key_file is not None:
-            raise ValueError("set api_key or api_key_file, not both")
-        return self
+    _check_key_source = model_validator(mode="after")(one_key_source)
 
 
-class CohereReranker(Reranker):
+class CohereReranker(CohereClientMixin, Reranker):
     """Relevance scores in [0, 1] from Cohere (or a server that speaks its rerank API)."""
 
     name = "cohere"
@@ -52,37 +48,14 @@ class CohereReranker(Reranker):
     extra = "cohere"
     concurrency = 4
     score_range = (0.0, 1.0)
-    # The embedding backend's mapping: statuses, retryability, Retry-After, keys never in messages.
-    _map_error = CohereBackend._map_error
 
     def __init__(self, options: CohereRerankOptions):
         super().__init__(options)
         self.max_batch_size = options.max_batch_size
-        self._client: Any = None
-        self._http: Any = None
-        self._key: str | None = None
-        self._errors: tuple[type[Exception], ...] = ()
-        self._httpx: Any = None
 
     def load(self) -> None:
         """Import the SDK and build the client (no network call)."""
-        try:
-            import cohere
-            import httpx
-        except ImportError:
-            raise ConfigError("reranker 'cohere' needs: pip install 'vecshim[cohere]'") from None
-        opts = self.options
-        self._key = resolve_api_key(opts.api_key, opts.api_key_file, ("CO_API_KEY", "COHERE_API_KEY"), self.name)
-        if self._key is None:
-            if not opts.base_url:
-                raise ConfigError("reranker 'cohere' needs an API key: set options.api_key, "
-                                  "options.api_key_file, CO_API_KEY or COHERE_API_KEY")
-            self._key = NO_KEY
-        self._http = httpx.Client(timeout=opts.timeout_s)
-        self._client = cohere.ClientV2(api_key=self._key, base_url=opts.base_url, timeout=opts.timeout_s,
-                                       max_retries=0, httpx_client=self._http)
-        self._errors = (cohere.core.ApiError, cohere.core.ParsingError, httpx.HTTPError)
-        self._httpx = httpx
+        self._open_client("reranker")
 
     def info(self) -> dict[str, Any]:
         """The model and the upstream host (never the key)."""
@@ -118,12 +91,6 @@ class CohereReranker(Reranker):
         if missing:
             raise BackendError(f"cohere upstream scored {len(documents) - missing} of {len(documents)} documents")
         return scores
-
-    def close(self) -> None:
-        """Close the HTTP client."""
-        if self._http is not None:
-            self._http.close()
-            self._http = self._client = None
 
 
 @hookimpl

@@ -153,7 +153,7 @@ class CrossEncoderReranker(TokenizerTextMixin, Reranker):
     def _load_onnx(self):
         import onnxruntime as ort
 
-        from ..backends.local import available_cpus
+        from ..cpus import available_cpus
         from ..backends.runtimes import default_cache_dir
 
         digest = hashlib.blake2b(digest_size=12)
