@@ -16,8 +16,10 @@ Sections (``--only NAME,...``; all by default), bundled all-MiniLM-L6-v2, ONNX f
   served-like batches (up to 32 random corpus texts per batch, 2 encoder threads of one
   intra-op thread, each planning its batch with ``plan_groups``) under candidate
   (max_batch_size, cost) settings, interleaved, best of rounds.
-* ``solo``: a lone text on the all-cores session with spinning off vs on (p50 over
-  single texts, interleaved); then ``vecshim serve`` (default layout, cache off) with
+* ``solo``: a lone text on the all-cores session with spinning off, on (stopping when
+  ``run()`` returns: what ``solo_spin: true`` builds) and on without that stop (ONNX
+  Runtime's default): p50 over single texts 2 ms apart, interleaved, optionally with
+  ``--busy N`` CPU-bound processes beside it; then ``vecshim serve`` (default layout, cache off) with
   ``solo_spin`` false vs true: 1 client p50 and 32 clients texts/s.
 
 Run alone: ``flock /tmp/vecshim-bench.lock .venv/bin/python bench/backend_work.py --json-out FILE``.
@@ -29,6 +31,7 @@ import json
 import os
 import random
 import resource
+import subprocess
 import sys
 import tempfile
 import threading
@@ -269,21 +272,23 @@ def cost(rounds: int, seconds: float) -> dict:
     return out
 
 
-def _lone_p50(light, texts) -> tuple[float, float]:
-    """p50 ms of lone texts, and process CPU ms per text (spinning shows there)."""
+def _lone_p50(light, texts, gap_s: float = 0.002) -> tuple[float, float]:
+    """p50 ms of lone texts `gap_s` apart (a lone client's round trip), and process CPU ms per
+    text (spinning shows there, also spinning that goes on into the gap)."""
     lat = []
     cpu0 = time.process_time()
     for t in texts:
         start = time.perf_counter()
         light.encode([t])
         lat.append((time.perf_counter() - start) * 1e3)
+        time.sleep(gap_s)
     cpu = (time.process_time() - cpu0) / len(texts) * 1e3
     lat.sort()
     return percentile(lat, 50), cpu
 
 
-def solo(rounds: int, duration: float, procs: int, serve: bool) -> dict:
-    """All-cores solo session: spinning off vs on, raw and served."""
+def solo(rounds: int, duration: float, procs: int, serve: bool, busy: int = 0) -> dict:
+    """All-cores solo session: spinning off vs on, raw (with `busy` CPU-bound processes beside it) and served."""
     from vecshim.cpus import available_cpus
     from vecshim.backends.onnx_light import _session
 
@@ -291,7 +296,10 @@ def solo(rounds: int, duration: float, procs: int, serve: bool) -> dict:
     backend = light_backend(threads=1, solo_session=False)
     light = backend._light
     path = Path(backend._check["cache"]) / "model.onnx"
-    sessions = {"spin_off": _session(path, cpus, spin=False), "spin_on": _session(path, cpus, spin=True)}
+    # spin_on is what solo_spin: true builds (spinning stops when run() returns); spin_on_no_stop
+    # is ONNX Runtime's own default (its threads go on spinning after run() returns).
+    sessions = {"spin_off": _session(path, cpus, spin=False), "spin_on": _session(path, cpus, spin=True),
+                "spin_on_no_stop": _session(path, cpus, spin=True, stop_spin=False)}
     texts = get_corpus(200, seed=14)
     p50 = {k: [] for k in sessions}
     cpu = {k: [] for k in sessions}
@@ -299,13 +307,19 @@ def solo(rounds: int, duration: float, procs: int, serve: bool) -> dict:
         light.session = sess
         for t in texts[:20]:
             light.encode([t])
-    for _ in range(rounds):
-        for name, sess in sessions.items():
-            light.session = sess
-            lat, c = _lone_p50(light, texts)
-            p50[name].append(lat)
-            cpu[name].append(c)
-    out: dict = {"raw_lone_p50_ms": {k: round(min(v), 3) for k, v in p50.items()},
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(busy)]
+    try:
+        for _ in range(rounds):
+            for name, sess in sessions.items():
+                light.session = sess
+                lat, c = _lone_p50(light, texts)
+                p50[name].append(lat)
+                cpu[name].append(c)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    out: dict = {"busy_processes": busy, "raw_lone_p50_ms": {k: round(min(v), 3) for k, v in p50.items()},
                  "raw_lone_cpu_ms_per_text": {k: round(min(v), 3) for k, v in cpu.items()}}
     if not serve:
         return out
@@ -347,6 +361,7 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=8.0, help="seconds per served load phase")
     p.add_argument("--client-procs", type=int, default=4)
     p.add_argument("--no-serve", action="store_true", help="solo: raw sessions only")
+    p.add_argument("--busy", type=int, default=0, help="solo: CPU-bound processes running beside the raw part")
     p.add_argument("--json-out", default=None)
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -360,7 +375,7 @@ def main() -> None:
         elif name == "cost":
             report[name] = cost(args.rounds, args.duration)
         elif name == "solo":
-            report[name] = solo(args.rounds, args.duration, args.client_procs, not args.no_serve)
+            report[name] = solo(args.rounds, args.duration, args.client_procs, not args.no_serve, args.busy)
         report[name]["loadavg_after"] = loadavg()
         report[name]["seconds"] = round(time.monotonic() - start, 1)
         print(json.dumps({name: report[name]}), file=sys.stderr, flush=True)

@@ -99,7 +99,7 @@ def write_manifest(st_model, folder: Path) -> bool:
     return True
 
 
-def _session(path: Path, threads: int, spin: bool = True):
+def _session(path: Path, threads: int, spin: bool = True, stop_spin: bool = True):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -108,7 +108,7 @@ def _session(path: Path, threads: int, spin: bool = True):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")  # "1": ORT's default
-    if spin and threads > 1:
+    if spin and stop_spin and threads > 1:
         # Spin between the operators of a run (no futex wake-up per operator), but stop when
         # run() returns: ORT's default keeps spinning after it, on cores a batch may need.
         so.add_session_config_entry("session.force_spinning_stop", "1")
