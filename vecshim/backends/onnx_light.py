@@ -99,7 +99,8 @@ def write_manifest(st_model, folder: Path) -> bool:
     return True
 
 
-def _session(path: Path, threads: int, spin: bool = True):
+def cpu_session(path: Path, threads: int, spin: bool = True):
+    """An ONNX Runtime CPU session: `threads` intra-op threads, one inter-op, every graph optimisation."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -176,7 +177,7 @@ class LightModel:
         self.tokenizer.enable_truncation(self.max_seq_length)
         self.tokenizer.no_padding()
         self.store = TokenStore()
-        self.session = _session(folder / "model.onnx", threads)
+        self.session = cpu_session(folder / "model.onnx", threads)
         # A text that arrives alone gets every core: a second session with more intra-op
         # threads (not spinning, so it does not steal from a batch that starts meanwhile).
         # It costs one more copy of the weights, once per engine (bench/RESULTS.md "Issue 18").
@@ -190,7 +191,7 @@ class LightModel:
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def _load_solo(self, path: Path, threads: int, spin: bool) -> None:
-        self.solo = _session(path, threads, spin=spin)
+        self.solo = cpu_session(path, threads, spin=spin)
 
     @property
     def max_input_tokens(self) -> int:
