@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchlib import embed_chunks, emit_report, loadavg, machine_info, percentile, tree_memory
+from benchlib import embed_chunks, emit_report, loadavg, machine_info, percentile, tree_memory, tree_pids
 from corpus import get_corpus
 from run_all import REPO, free_port, run_json, start_server, stop_server, wait_ready
 from wrkload import available as wrk_available, run_wrk
@@ -73,6 +73,17 @@ def raw(texts: list[str], cpus: int, lone_texts: list[str]) -> dict:
         best = min(_timed(run) for _ in range(2))
         out[f"batch_{size}"] = {"texts_per_s": round(len(texts) / best, 1), "seconds": round(best, 3)}
     out["best_texts_per_s"] = max(v["texts_per_s"] for k, v in out.items() if k.startswith("batch_"))
+    # What 32 clients allow at best: the texts in arrival order, 32 at a time (all a server
+    # with 32 clients ever holds), each window cut into calls by the served planner.
+    from vecshim.batchplan import plan_groups
+
+    cap = min(16, backend.max_batch_size or 16)
+    windows = [texts[i:i + 32] for i in range(0, len(texts), 32)]
+    planned = [[w[j] for j in g] for w in windows
+               for g in plan_groups(backend.count_tokens(w), max_size=cap, max_tokens=None, cost=backend.batch_cost)]
+    best = min(_timed(lambda: embed_chunks(backend, planned, cpus)) for _ in range(2))
+    out["windows_32_planned"] = {"texts_per_s": round(len(texts) / best, 1),
+                                 "texts_per_call": round(len(texts) / len(planned), 2)}
     del backend
     lone = _backend(1, cpus)
     for t in texts[:20]:
@@ -128,7 +139,11 @@ def served(layout: str, folder: Path, duration: float, procs: int, seed: int, cl
             time.sleep(1.0)
             out[f"{phase}_loadavg_before"] = loadavg()
             if phase == "cache_off":
+                before = tree_cpu(proc.pid)
                 out["c32_miss"] = load(url, 32, procs, duration, "unique", SEED_32, client)
+                miss = out["c32_miss"]
+                texts = miss.get("requests") or round(miss["texts_per_s"] * duration)
+                miss["cpu_ms_per_text"] = cpu_per_text(before, tree_cpu(proc.pid), texts)
                 out["c1_miss"] = load(url, 1, 1, duration, "unique", SEED_1, client)
                 out["memory_after_misses"] = tree_memory(proc.pid)
             else:
@@ -141,6 +156,29 @@ def served(layout: str, folder: Path, duration: float, procs: int, seed: int, cl
     return out
 
 
+def tree_cpu(pid: int) -> dict[int, tuple[str, float]]:
+    """CPU seconds (user + system) of each process of the tree: (role, seconds) by pid."""
+    out = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for p in tree_pids(pid):
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes()
+        except OSError:
+            continue
+        role = "master" if p == pid else "engine" if b"vecshim.engine" in cmd else "workers"
+        out[p] = (role, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cpu_per_text(before: dict, after: dict, texts: int) -> dict:
+    """Milliseconds of CPU per text, by role, between two tree_cpu() snapshots."""
+    spent: dict[str, float] = {}
+    for p, (role, seconds) in after.items():
+        spent[role] = spent.get(role, 0.0) + seconds - before.get(p, (role, 0.0))[1]
+    return {role: round(1000 * s / max(texts, 1), 3) for role, s in sorted(spent.items())}
+
+
 def markdown(report: dict) -> str:
     """The RESULTS.md tables for a report."""
     raw = report.get("raw", {})
@@ -151,16 +189,39 @@ def markdown(report: dict) -> str:
                          if k.startswith("batch_"))
              + f"; all-cores batch-1 latency p50 {lat1} ms (the lone client's texts)",
              f"client: {report.get('client', 'loadgen')}; backend options: {report.get('options') or 'defaults'}", "",
-             "| layout | 32 clients, cache off | vs raw best | 1 client p50 (cache off) | vs raw batch-1 | "
-             "32 clients, cache hits | RSS sum / PSS sum (default config, after hits) | processes |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| layout | 32 clients, cache off | vs raw best | CPU ms/text (workers / engine / master) | "
+             "1 client p50 (cache off) | vs raw batch-1 | 32 clients, cache hits | "
+             "resident, each page once / RSS sum / PSS sum (default config, after hits) | processes |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, r in report["layouts"].items():
         miss, one, hit, mem = r["c32_miss"], r["c1_miss"], r["c32_hit"], r["memory_default"]
         ratio = f"{miss['texts_per_s'] / best:.2f}x" if best else "-"
-        delta = f"{one['p50_ms'] - lat1:+.1f} ms" if lat1 else "-"
+        delta = f"{one['p50_ms'] - lat1:+.2f} ms" if lat1 else "-"
+        cpu = miss.get("cpu_ms_per_text", {})
+        split = " / ".join(str(cpu.get(k, "-")) for k in ("workers", "engine", "master"))
         lines.append(f"| `--workers {r['workers']} --engine {r['engine']}` | {miss['texts_per_s']} "
-                     f"({miss['errors']} errors) | {ratio} | {one['p50_ms']} ms | {delta} | {hit['texts_per_s']} "
-                     f"({hit['errors']} errors) | {mem['rss_mib']} / {mem['pss_mib']} MiB | {mem['processes']} |")
+                     f"({miss['errors']} errors) | {ratio} | {split} | {one['p50_ms']} ms | {delta} | "
+                     f"{hit['texts_per_s']} ({hit['errors']} errors) | {mem.get('unique_mib', '-')} / "
+                     f"{mem['rss_mib']} / {mem['pss_mib']} MiB | {mem['processes']} |")
+    win = raw.get("windows_32_planned")
+    if win and best:
+        lines += ["", f"ceiling at 32 clients: the encoder alone, fed the texts 32 at a time in arrival order "
+                      f"and cut by the served planner ({win['texts_per_call']} texts per call): "
+                      f"{win['texts_per_s']} texts/s = {win['texts_per_s'] / best:.2f}x raw best"]
+        for name, r in report["layouts"].items():
+            workers = r["c32_miss"].get("cpu_ms_per_text", {}).get("workers")
+            if workers and r["engine"] == "on":
+                cap = report["cpus"] * 1000 / (report["cpus"] * 1000 / win["texts_per_s"] + workers)
+                lines.append(f"- `{name}`: that encoder plus the HTTP workers' measured {workers} ms of CPU per "
+                             f"text, with an engine costing nothing: at most {cap:.0f} texts/s = "
+                             f"{cap / best:.2f}x raw best")
+    layouts = report["layouts"]
+    if "1:off" in layouts and "4:on" in layouts:
+        one, four = layouts["1:off"]["memory_default"], layouts["4:on"]["memory_default"]
+        if one.get("unique_mib") and four.get("unique_mib"):
+            lines += ["", f"memory, 4 workers + engine vs 1 in-process worker: resident pages "
+                          f"{four['unique_mib'] / one['unique_mib']:.2f}x, RSS sum {four['rss_mib'] / one['rss_mib']:.2f}x, "
+                          f"PSS sum {four['pss_mib'] / one['pss_mib']:.2f}x"]
     return "\n".join(lines)
 
 

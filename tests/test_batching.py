@@ -326,3 +326,79 @@ def test_cancelled_futures_are_not_computed():
     b.wait(blocker, 10)
     assert b.close(5)
     assert ["drop"] not in calls
+
+
+def test_inline_a_text_that_finds_the_model_idle_runs_on_the_callers_thread():
+    threads = []
+    entered, release = threading.Event(), threading.Event()
+
+    def embed(texts, key):
+        threads.append((threading.get_ident(), tuple(texts)))
+        if texts == ["first"]:
+            entered.set()
+            release.wait(5)
+        return [f"v:{t}" for t in texts]
+
+    b = make(embed, inline=True)
+    me = threading.get_ident()
+    assert b.wait(b.submit(["alone"], [1], None), 5) == ["v:alone"]
+    assert threads == [(me, ("alone",))]
+    assert b.busy == 0
+
+    # While a caller embeds inline, the model is busy: the next text queues for an encoder thread.
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault("first", b.wait(b.submit(["first"], [1], None), 5)))
+    first.start()
+    assert entered.wait(5)
+    second = b.submit(["second"], [1], None)
+    release.set()
+    assert b.wait(second, 5) == ["v:second"]
+    first.join(5)
+    assert results["first"] == ["v:first"]
+    by_text = {texts: ident for ident, texts in threads}
+    assert by_text[("first",)] == first.ident
+    assert by_text[("second",)] not in (me, first.ident)
+    assert b.busy == 0
+    b.close()
+
+
+def test_without_inline_every_text_runs_on_an_encoder_thread():
+    idents = []
+    b = make(lambda texts, key: idents.append(threading.get_ident()) or list(texts))
+    assert b.wait(b.submit(["alone"], [1], None), 5) == ["alone"]
+    assert idents and idents[0] != threading.get_ident()
+    b.close()
+
+
+def test_an_inline_call_that_fails_fails_its_caller_and_frees_the_model():
+    def embed(texts, key):
+        raise BackendError("broken text")
+
+    b = make(embed, inline=True)
+    with pytest.raises(BackendError):
+        b.wait(b.submit(["x"], [1], None), 5)
+    assert b.busy == 0
+    with pytest.raises(BackendError):  # and the next one is served (inline again), not stuck
+        b.wait(b.submit(["y"], [1], None), 5)
+    b.close()
+
+
+def test_inline_still_batches_concurrent_callers():
+    seen = []
+
+    def embed(texts, key):
+        seen.append(len(texts))
+        time.sleep(0.02)
+        return [f"v:{t}" for t in texts]
+
+    b = make(embed, inline=True)
+    results = {}
+    threads = [threading.Thread(target=lambda i=i: results.setdefault(i, b.wait(b.submit([f"t{i}"], [1], None), 5)[0]))
+               for i in range(24)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {i: f"v:t{i}" for i in range(24)}
+    assert sum(seen) == 24 and max(seen) > 1
+    b.close()

@@ -1,9 +1,11 @@
 """One engine per replica (real `vecshim serve`): one model copy, shared batches, crash, drain, reload."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -309,3 +311,17 @@ def test_the_sigterm_handler_takes_no_lock_the_interrupted_code_may_hold(tmp_pat
     assert returned.wait(30), "the SIGTERM handler blocked on a lock its own thread held"
     t.join(30)
     assert engine._stopping
+
+
+def test_the_master_imports_the_worker_code_once_and_loads_no_runtime():
+    """Workers share the master's copy of their code (forked, frozen out of the collector); the
+    master itself starts no thread and imports no inference runtime."""
+    code = ("import gc, sys, threading; from vecshim.server import share_worker_code; share_worker_code(); "
+            "import json; print(json.dumps({'frozen': gc.get_freeze_count(), 'threads': threading.active_count(), "
+            "'mods': [m for m in ('vecshim.app', 'vecshim.worker', 'vecshim.engine.proxy', 'torch', "
+            "'onnxruntime', 'sentence_transformers', 'transformers') if m in sys.modules]}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    facts = json.loads(out.stdout.strip().splitlines()[-1])
+    assert facts["frozen"] > 1000
+    assert facts["threads"] == 1
+    assert facts["mods"] == ["vecshim.app", "vecshim.worker", "vecshim.engine.proxy"]

@@ -53,5 +53,14 @@ def test_solo_session_can_be_turned_off():
 @pytest.mark.parametrize("spin", [False, True])
 def test_solo_spin_sets_the_solo_sessions_spinning(spin):
     solo = _light(solo_spin=spin)._light.solo
-    entry = solo.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
-    assert entry == ("1" if spin else "0")
+    options = solo.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == ("1" if spin else "0")
+    if spin:  # spinning ends when a run returns, not later on cores a batch may need
+        assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+
+
+@pytest.mark.skipif(available_cpus() < 2, reason="one core: no session with more threads to choose")
+def test_the_solo_session_spins_by_default_and_the_batch_session_does_not_need_to():
+    light = _light()._light
+    assert light.solo.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert light.session.get_session_options().intra_op_num_threads == 1

@@ -137,6 +137,12 @@ class Backend(EstimatedTextMixin, ABC):
     #: True if the backend holds model weights in this process (one copy per
     #: gunicorn worker), so `vecshim serve` defaults to a single worker.
     in_process: ClassVar[bool] = False
+    #: True if `embed()` is local compute that always returns (no network, no
+    #: waiting on anything else): a text that finds the model idle is then
+    #: embedded on the request's own thread, without the batcher's thread
+    #: hand-offs. Leave False for calls that may hang: the batcher's timeout and
+    #: hung-call watchdog only act on calls run by its own threads.
+    inline_calls: ClassVar[bool] = False
     extra: ClassVar[str | None] = None
 
     def __init__(self, options: BaseModel):

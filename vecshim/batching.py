@@ -113,7 +113,7 @@ class Batcher:
                  on_batch: Callable[[int, float, float], None] | None = None,
                  on_depth: Callable[[int], None] | None = None,
                  thread_init: Callable[[], None] | None = None,
-                 stuck_after_s: float | None = None, gate=None):
+                 stuck_after_s: float | None = None, gate=None, inline: bool = False):
         self.name = name
         self.embed_fn = embed_fn
         self.max_size = max_size
@@ -129,6 +129,7 @@ class Batcher:
         self.on_depth = on_depth
         self.thread_init = thread_init
         self.gate = gate
+        self.inline = inline and gate is None
         self._admitting = False  # a worker holds the gate's next slot
         self._calls_out = 0       # gate: batches taken and not yet done
         self._call_s: float | None = None  # gate: EWMA of a batch's seconds
@@ -219,15 +220,25 @@ class Batcher:
                     and self._queued_tokens + n_tokens > self.max_queue_tokens:
                 raise Overloaded(f"model {self.name!r} has {self._queued_tokens} tokens queued "
                                  f"(batch.max_queue_tokens); retry later")
-            self._jobs.append(job)
-            self._queued += len(texts)
-            self._queued_tokens += n_tokens
-            self._cond.notify(len(texts))
+            alone = self.inline and not self._jobs and not self._busy and len(texts) <= self.max_size
+            if alone:  # an idle model: this thread embeds them itself (see _run_inline)
+                job.next = len(job.units)
+                for u in job.units:
+                    u.future.set_running_or_notify_cancel()
+                self._busy += len(texts)
+                self._last_size = len(texts)
+            else:
+                self._jobs.append(job)
+                self._queued += len(texts)
+                self._queued_tokens += n_tokens
+                self._cond.notify(len(texts))
             depth = self._queued
         if self.on_depth:
             self.on_depth(depth)
         for u in job.units:
             u.future.vecshim_job = job  # lets discard() find the request
+        if alone:
+            self._process(job.units)
         return [u.future for u in job.units]
 
     def discard(self, futures: Sequence[Future], error: BaseException | None = None) -> None:
@@ -440,33 +451,44 @@ class Batcher:
             self.thread_init()
         while True:
             batch = self._take()
-            if batch is None:
+            if batch is None or self._process(batch):
                 return
-            start = time.monotonic()
-            try:
-                if batch:
-                    wait = start - min(u.job.enqueued for u in batch)
-                    groups = plan_groups([u.tokens for u in batch], max_size=self.call_max_size,
-                                         max_tokens=self.max_batch_tokens, cost=self.cost)
-                    for g in groups:
-                        self._embed([batch[i] for i in g])
-                    if self.on_batch:
-                        self.on_batch(len(batch), wait, time.monotonic() - start)
-            except BaseException as err:  # never let a worker die with callers waiting
-                log.exception("batch worker for model %r failed", self.name)
-                for u in batch:
-                    if not u.future.done():
-                        _settle(u.future, error=err)
-            finally:
-                with self._cond:
-                    self._busy -= len(batch)
-                    if self.gate is not None and batch:
-                        self._gate_done_locked(time.monotonic() - start)
-                    self._cond.notify_all()
-                    me = threading.get_ident()
-                    if me in self._stuck:  # a replacement took over while this call hung
-                        self._stuck.discard(me)
-                        return
+
+    def _process(self, batch: list[_Unit]) -> bool:
+        """Embed a taken batch and settle its futures; True if this thread was replaced while it hung.
+
+        Encoder threads run it, and with `inline` also a caller whose texts
+        found the model idle (no texts queued or in flight, `inline` set for
+        backends whose calls are bounded local compute): the text skips two
+        thread hand-offs (~0.3 ms of a lone request, bench/RESULTS.md "Issue 18,
+        fourth pass"), and texts arriving meanwhile queue for the encoder threads.
+        """
+        start = time.monotonic()
+        try:
+            if batch:
+                wait = start - min(u.job.enqueued for u in batch)
+                groups = plan_groups([u.tokens for u in batch], max_size=self.call_max_size,
+                                     max_tokens=self.max_batch_tokens, cost=self.cost)
+                for g in groups:
+                    self._embed([batch[i] for i in g])
+                if self.on_batch:
+                    self.on_batch(len(batch), wait, time.monotonic() - start)
+        except BaseException as err:  # never let a worker die with callers waiting
+            log.exception("batch worker for model %r failed", self.name)
+            for u in batch:
+                if not u.future.done():
+                    _settle(u.future, error=err)
+        finally:
+            with self._cond:
+                self._busy -= len(batch)
+                if self.gate is not None and batch:
+                    self._gate_done_locked(time.monotonic() - start)
+                self._cond.notify_all()
+                me = threading.get_ident()
+                if me in self._stuck:  # a replacement took over while this call hung
+                    self._stuck.discard(me)
+                    return True
+        return False
 
     def _embed(self, units: list[_Unit]) -> None:
         units = [u for u in units if not u.job.dropped and not u.future.done()]

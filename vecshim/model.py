@@ -196,7 +196,7 @@ class Model:
                 max_batch_tokens=self.backend.max_batch_tokens, cost=self.backend.batch_cost,
                 on_batch=self.stats.batch_observer(self.name) if self.stats else None,
                 on_depth=self.stats.depth_observer(self.name) if self.stats else None,
-                stuck_after_s=self.cfg.timeout_s)
+                stuck_after_s=self.cfg.timeout_s, inline=self.backend.inline_calls)
         self.dimension = self._learn_dimension()
         if self.poolings and self.poolings[0] != space.DEFAULT_POOLING:
             log.warning("model %r pools with %s: Weaviate asks for %s unless the collection sets "

@@ -273,6 +273,25 @@ def on_starting(server):
     engine = _engine(server)
     if engine is not None:
         engine.start(server)
+    share_worker_code()
+
+
+def share_worker_code() -> None:
+    """Import the worker's code once, here in the master, and freeze it out of the collector.
+
+    Forked workers then share those pages instead of each importing its
+    own copy (~20 MiB a worker; bench/RESULTS.md "Issue 18, memory"), and
+    gc.freeze keeps the workers' collections from writing to, and so
+    copying, them. No model, thread or socket is made here; a HUP re-reads
+    the configuration but not this code (a new release is a restart).
+    """
+    import gc
+
+    from . import app, worker  # noqa: F401
+    from .engine import proxy  # noqa: F401
+
+    gc.collect()
+    gc.freeze()
 
 
 def on_reload(server):

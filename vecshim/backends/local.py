@@ -88,8 +88,8 @@ class SentenceTransformersOptions(BackendOptions):
     #: ONNX: a second session using every core for a text that arrives alone (lower
     #: single-request latency; one more copy of the weights in memory).
     solo_session: bool = True
-    #: ONNX: let the solo session's threads spin-wait between operators (see docs/plugins.md).
-    solo_spin: bool = False
+    #: ONNX: let the solo session's threads spin-wait between operators of a run (docs/guide.md).
+    solo_spin: bool = True
     #: Folder for exported ONNX models (None: $VECSHIM_ONNX_CACHE, else $XDG_CACHE_HOME/vecshim/onnx).
     onnx_cache_dir: str | None = None
 
@@ -104,6 +104,7 @@ class SentenceTransformersBackend(TokenizerTextMixin, Backend):
     #: Modules each runtime needs beyond `requires` (installed by `vecshim[onnx]`).
     runtime_modules = RUNTIME_MODULES
     in_process = True
+    inline_calls = True  # local compute: a lone text runs on its request thread
     batch_cost = DEFAULT_COST
 
     def __init__(self, options: SentenceTransformersOptions):

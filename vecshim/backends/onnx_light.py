@@ -109,6 +109,10 @@ def cpu_session(path: Path, threads: int, spin: bool = True):
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")  # "1": ORT's default
+    if spin and threads > 1:
+        # Spin between the operators of a run (no futex wake-up per operator), but stop when
+        # run() returns: ORT's default keeps spinning after it, on cores a batch may need.
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
@@ -159,7 +163,7 @@ class LightModel:
     """The sentence-transformers pipeline rebuilt from a manifest, without torch."""
 
     def __init__(self, folder: Path, threads: int, max_seq_length: int | None = None,
-                 solo_threads: int | None = None, solo_spin: bool = False):
+                 solo_threads: int | None = None, solo_spin: bool = True):
         from tokenizers import Tokenizer
 
         m = json.loads((folder / MANIFEST).read_text())
@@ -179,7 +183,7 @@ class LightModel:
         self.store = TokenStore()
         self.session = cpu_session(folder / "model.onnx", threads)
         # A text that arrives alone gets every core: a second session with more intra-op
-        # threads (not spinning, so it does not steal from a batch that starts meanwhile).
+        # threads, spinning only while it runs (so it steals nothing from a batch after it).
         # It costs one more copy of the weights, once per engine (bench/RESULTS.md "Issue 18").
         # Built by the first lone text (the warm-up), in that thread: built in another thread,
         # ONNX Runtime aborts the process at interpreter exit.
