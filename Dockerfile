@@ -61,7 +61,7 @@ ENV VECSHIM_ONNX_CACHE=/opt/vecshim/onnx \
     HF_HOME=/tmp/hf
 
 # The modules the export runs, and no others.
-COPY vecshim/__init__.py vecshim/backend.py vecshim/errors.py vecshim/hookspecs.py vecshim/reranker.py /export/vecshim/
+COPY vecshim/__init__.py vecshim/backend.py vecshim/cpus.py vecshim/errors.py vecshim/hookspecs.py vecshim/reranker.py /export/vecshim/
 COPY vecshim/backends/__init__.py vecshim/backends/local.py vecshim/backends/runtimes.py vecshim/backends/onnx_light.py /export/vecshim/backends/
 RUN mkdir -p /opt/vecshim/onnx \
  && PYTHONPATH=/export python image_build.py export \

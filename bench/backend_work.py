@@ -122,7 +122,7 @@ def fusion(rounds: int) -> dict:
     import onnx
     from onnxruntime.transformers import optimizer
 
-    from vecshim.backends.onnx_light import _session
+    from vecshim.backends.onnx_light import cpu_session
     from vecshim.backends.runtimes import _cosines, _export_fp32
 
     backend = light_backend()
@@ -148,7 +148,7 @@ def fusion(rounds: int) -> dict:
         fuse(tmp / f"{name}.onnx", f"{name}_fused")
     ops = {k: len(onnx.load(str(p)).graph.node) for k, p in variants.items()}
     check = json.loads((folder / "check.json").read_text())
-    sessions = {k: _session(p, 1) for k, p in variants.items()}
+    sessions = {k: cpu_session(p, 1) for k, p in variants.items()}
     out: dict = {"fused_ops": stats, "graph_nodes": ops, "variants": {}}
     texts = get_corpus(400, seed=12)
     for name, sess in sessions.items():
@@ -290,7 +290,7 @@ def _lone_p50(light, texts, gap_s: float = 0.002) -> tuple[float, float]:
 def solo(rounds: int, duration: float, procs: int, serve: bool, busy: int = 0) -> dict:
     """All-cores solo session: spinning off vs on, raw (with `busy` CPU-bound processes beside it) and served."""
     from vecshim.cpus import available_cpus
-    from vecshim.backends.onnx_light import _session
+    from vecshim.backends.onnx_light import cpu_session
 
     cpus = available_cpus()
     backend = light_backend(threads=1, solo_session=False)
@@ -298,8 +298,8 @@ def solo(rounds: int, duration: float, procs: int, serve: bool, busy: int = 0) -
     path = Path(backend._check["cache"]) / "model.onnx"
     # spin_on is what solo_spin: true builds (spinning stops when run() returns); spin_on_no_stop
     # is ONNX Runtime's own default (its threads go on spinning after run() returns).
-    sessions = {"spin_off": _session(path, cpus, spin=False), "spin_on": _session(path, cpus, spin=True),
-                "spin_on_no_stop": _session(path, cpus, spin=True, stop_spin=False)}
+    sessions = {"spin_off": cpu_session(path, cpus, spin=False), "spin_on": cpu_session(path, cpus, spin=True),
+                "spin_on_no_stop": cpu_session(path, cpus, spin=True, stop_spin=False)}
     texts = get_corpus(200, seed=14)
     p50 = {k: [] for k in sessions}
     cpu = {k: [] for k in sessions}

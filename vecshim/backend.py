@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Literal, Sequence
 from pydantic import BaseModel, ConfigDict
 
 __all__ = ["Backend", "BackendOptions", "Task", "TASKS", "count_with_tokenizer", "split_with_tokenizer",
-           "TokenizerTextMixin", "EstimatedTextMixin", "estimate_tokens", "split_by_chars"]
+           "TokenizerTextMixin", "EstimatedTextMixin", "counting_tokenizer", "estimate_tokens", "split_by_chars"]
 
 #: Weaviate's two task types; `passage` is used when a request names none.
 Task = Literal["query", "passage"]
@@ -43,6 +43,17 @@ def split_with_tokenizer(tokenizer, text: str, max_tokens: int) -> list[str]:
         windows.append(text[a:b].strip() or text[a:b])
         start = end
     return [w for w in windows if w.strip()] or [text]
+
+
+def counting_tokenizer(tokenizer):
+    """A private copy of a `tokenizers.Tokenizer` for exact counts: never padded or truncated, never reconfigured,
+    so request threads may count with it while encoder threads pad and truncate the model's own."""
+    from tokenizers import Tokenizer
+
+    counter = Tokenizer.from_str(tokenizer.to_str())
+    counter.no_truncation()
+    counter.no_padding()
+    return counter
 
 
 def estimate_tokens(texts: Sequence[str]) -> list[int]:

@@ -1,10 +1,7 @@
 """A configured model: a backend plus text policy, cache, batcher and checks."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import threading
 import time
 from typing import Any, Sequence
 
@@ -13,10 +10,10 @@ import numpy as np
 from .backend import TASKS, Backend, BackendOptions
 from .batching import Batcher
 from .config import ModelConfig
-from .errors import (BackendError, BackendUnavailable, BadRequest, PayloadTooLarge, VecshimError,
-                     brief)
+from .errors import BackendError, BackendUnavailable, BadRequest, PayloadTooLarge, brief
 from . import space
 from .plugins import build_plugin
+from .served import Served, fingerprint_hash
 
 __all__ = ["Model", "build_backend", "UnavailableBackend"]
 
@@ -47,36 +44,30 @@ class UnavailableBackend(Backend):
         raise BackendUnavailable(f"backend {self.name!r} is unavailable")
 
 
-class Model:
+class Model(Served):
     """One named model as served: `embed()` is the only way texts reach a backend."""
+
+    kind = "model"
+    plugin_kind = "backend"
+    _log = log
 
     def __init__(self, name: str, cfg: ModelConfig, backend: Backend, *, cache=None, stats=None,
                  origin: dict | None = None, fleet=None):
-        self.name = name
-        self.cfg = cfg
-        self.backend = backend
+        super().__init__(name, cfg, backend, stats=stats)
         #: The plugin that registered the backend: {"plugin", "distribution", "version"}.
         self.origin = origin or {}
         self.cache = cache
-        self.stats = stats
         self.dimension: int | None = None
-        self.state = "loading"
-        self.error: str | None = None
-        self.load_seconds: float | None = None
         self.batcher: Batcher | None = None
         self.fallbacks: list[Model] = []
         #: Fallbacks removed at start because their vector space differs: [{"name", "reason"}].
         self.dropped_fallbacks: list[dict[str, str]] = []
-        self.resilience = None
         #: The app's rate budgets (`vecshim.budget.Fleet`); hosted backends take theirs from it.
         self.fleet = fleet
         self.budget = None
         #: Called when `info()` changes after loading (a rate limit learned, Redis lost).
         self.on_change = None
-        self._ready = threading.Event()
         self._fingerprint: str | None = None
-        #: Called once loaded, just before `ready` turns true.
-        self.on_ready = None
         self._read_capabilities()
 
     def _read_capabilities(self) -> None:
@@ -119,8 +110,7 @@ class Model:
         """Short stable hash of `fingerprint_parts()` (fixed once the model is ready)."""
         if self._fingerprint is not None:
             return self._fingerprint
-        raw = json.dumps(self.fingerprint_parts(), sort_keys=True, default=str)
-        value = hashlib.sha256(raw.encode()).hexdigest()[:16]
+        value = fingerprint_hash(self.fingerprint_parts())
         if self.ready:  # every part is known now; it keys every cache lookup
             self._fingerprint = value
         return value
@@ -160,11 +150,6 @@ class Model:
         return LOCAL_REQUEST_TOKENS if self.backend.in_process else HOSTED_REQUEST_TOKENS
 
     # -- lifecycle ------------------------------------------------------
-    @property
-    def ready(self) -> bool:
-        """True once loaded and warmed up."""
-        return self._ready.is_set()
-
     def load(self) -> None:
         """Load the backend, start the batcher and learn (or check) the dimension."""
         start = time.monotonic()
@@ -194,9 +179,7 @@ class Model:
                 max_queue_tokens=self.cfg.batch.max_queue_tokens or 4 * self.max_request_tokens,
                 small_tokens=self.backend.max_input_tokens or 512, backend_max_size=self.backend.max_batch_size,
                 max_batch_tokens=self.backend.max_batch_tokens, cost=self.backend.batch_cost,
-                on_batch=self.stats.batch_observer(self.name) if self.stats else None,
-                on_depth=self.stats.depth_observer(self.name) if self.stats else None,
-                stuck_after_s=self.cfg.timeout_s, inline=self.backend.inline_calls)
+                inline=self.backend.inline_calls, **self._batch_observers())
         self.dimension = self._learn_dimension()
         if self.poolings and self.poolings[0] != space.DEFAULT_POOLING:
             log.warning("model %r pools with %s: Weaviate asks for %s unless the collection sets "
@@ -205,10 +188,7 @@ class Model:
         self.load_seconds = time.monotonic() - start
         if self.stats:
             self.stats.load_seconds.labels(self.name).set(self.load_seconds)
-        self.state, self.error = "ready", None
-        if self.on_ready is not None:
-            self.on_ready()  # e.g. re-render /meta before anyone sees the model as ready
-        self._ready.set()
+        self._mark_ready()
         log.info("model %r ready: backend %s, dimension %d (%s), loaded in %.1f s",
                  self.name, self.backend.name, self.dimension,
                  "Matryoshka-trained" if self.matryoshka else
@@ -246,12 +226,6 @@ class Model:
         if self.ready and self.on_change is not None:
             self.on_change()
 
-    def close(self, timeout: float = 30.0) -> None:
-        """Finish queued work and release the backend."""
-        if self.batcher:
-            self.batcher.close(timeout)
-        self.backend.close()
-
     # -- embedding ------------------------------------------------------
     def _task_key(self, task: str) -> str | None:
         return task if self.task_split else None
@@ -261,23 +235,17 @@ class Model:
         key, pooling = key if isinstance(key, tuple) else (key, None)
         task = key or "passage"
         extra = {"pooling": pooling} if pooling is not None else {}
-        try:
+
+        def call():
             if self.budget is not None:
                 fn = getattr(self.backend, "embed_reply", self.backend.embed)
                 tokens = sum(self.backend.count_tokens(texts))
                 if self.stats:
                     self.stats.upstream_texts.labels(self.name).observe(len(texts))
-                raw = self.resilience.call(fn, texts, task, tokens=tokens, **extra)
-            else:
-                raw = self.resilience.call(self.backend.embed, texts, task, **extra)
-        except VecshimError:
-            raise
-        except Exception as err:
-            # A plugin bug: the client gets a 502 naming the backend, never the exception's
-            # text (it may hold a key); the traceback goes to the (redacted) log.
-            log.error("backend %r raised %s", self.backend.name, type(err).__name__, exc_info=True)
-            raise BackendError(f"backend {self.backend.name!r} failed ({type(err).__name__}); "
-                               f"see the server log") from None
+                return self.resilience.call(fn, texts, task, tokens=tokens, **extra)
+            return self.resilience.call(self.backend.embed, texts, task, **extra)
+
+        raw = self._guarded(call)
         try:
             arr = np.asarray(raw, dtype=np.float32)
         except (TypeError, ValueError) as err:
@@ -325,12 +293,7 @@ class Model:
         """Embed texts for a task; return one float32 vector per text (of `dimensions`, if given)."""
         if task not in TASKS:
             raise BadRequest(f"task_type must be one of {', '.join(TASKS)}, got {brief(task)}")
-        if not self.ready and self.state == "loading":
-            # Another gunicorn worker may have answered the readiness probe
-            # while this one is still warming up: wait rather than fail.
-            self._ready.wait(self.cfg.timeout_s)
-        if not self.ready:
-            raise BackendUnavailable(f"model {self.name!r} is not ready ({self.error or self.state})")
+        self._await_ready()
         dims = self.check_dimensions(dimensions)
         pooling = self.check_pooling(pooling)
         return self._embed_cached(list(texts), task, dims, pooling)

@@ -1,10 +1,7 @@
 """A configured reranker as served: long-document policy, pair batcher, retries, checks, fallbacks."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import threading
 import time
 from typing import Any, Mapping, Sequence
 
@@ -12,9 +9,10 @@ import numpy as np
 
 from .batching import Batcher
 from .config import RerankerConfig
-from .errors import BackendError, BackendUnavailable, ConfigError, VecshimError
+from .errors import BackendError, ConfigError
 from .plugins import build_plugin
 from .reranker import Reranker
+from .served import Served, fingerprint_hash
 
 __all__ = ["Ranker", "build_reranker", "build_rankers", "bind_models", "WARMUP_QUERY"]
 
@@ -64,22 +62,17 @@ def build_rankers(config, registry, models: Mapping[str, Any], stats=None,
     return rankers
 
 
-class Ranker:
+class Ranker(Served):
     """One named reranker as served: `rank()` is the only way pairs reach a reranker."""
 
+    kind = "reranker"
+    plugin_kind = "reranker"
+    _log = log
+
     def __init__(self, name: str, cfg: RerankerConfig, backend: Reranker, *, stats=None):
-        self.name = name
-        self.cfg = cfg
-        self.backend = backend
-        self.stats = stats
-        self.state = "loading"
-        self.error: str | None = None
-        self.load_seconds: float | None = None
+        super().__init__(name, cfg, backend, stats=stats)
         self.batcher: Batcher | None = None
-        self.resilience = None
         self.fallbacks: list[Ranker] = []
-        self.on_ready = None
-        self._ready = threading.Event()
 
     # -- identity -------------------------------------------------------
     @property
@@ -95,8 +88,7 @@ class Ranker:
     @property
     def fingerprint(self) -> str:
         """Short stable hash of `fingerprint_parts()`."""
-        raw = json.dumps(self.fingerprint_parts(), sort_keys=True, default=str)
-        return hashlib.sha256(raw.encode()).hexdigest()[:16]
+        return fingerprint_hash(self.fingerprint_parts())
 
     def info(self) -> dict[str, Any]:
         """The reranker's entry in `/meta`."""
@@ -123,11 +115,6 @@ class Ranker:
         return not self.backend.delegates
 
     # -- lifecycle ------------------------------------------------------
-    @property
-    def ready(self) -> bool:
-        """True once loaded and warmed up."""
-        return self._ready.is_set()
-
     def load(self) -> None:
         """Load the reranker, start its batcher and score one warm-up query."""
         start = time.monotonic()
@@ -145,32 +132,17 @@ class Ranker:
                 self.name, self._score_batch, max_size=size,
                 max_wait_ms=self.cfg.batch.max_wait_ms, workers=workers, max_queue=self.cfg.batch.max_queue,
                 backend_max_size=self.backend.max_batch_size, max_batch_tokens=self.backend.max_batch_tokens,
-                cost=self.backend.batch_cost,
-                on_batch=self.stats.batch_observer(self.name) if self.stats else None,
-                on_depth=self.stats.depth_observer(self.name) if self.stats else None,
-                stuck_after_s=self.cfg.timeout_s)
+                cost=self.backend.batch_cost, **self._batch_observers())
         if not self.backend.delegates:  # a delegating reranker's models warm themselves up
             self._rank_here(WARMUP_QUERY, list(_WARMUP_DOCS), timeout=max(self.cfg.timeout_s, 120))
         self.load_seconds = time.monotonic() - start
-        self.state, self.error = "ready", None
-        if self.on_ready is not None:
-            self.on_ready()
-        self._ready.set()
+        self._mark_ready()
         log.info("reranker %r ready: %s, loaded in %.1f s", self.name, self.backend.name, self.load_seconds)
-
-    def close(self, timeout: float = 30.0) -> None:
-        """Finish queued work and release the reranker."""
-        if self.batcher:
-            self.batcher.close(timeout)
-        self.backend.close()
 
     # -- scoring --------------------------------------------------------
     def rank(self, query: str, documents: Sequence[str]) -> np.ndarray:
         """Score every document against `query`; float64 scores in input order."""
-        if not self.ready and self.state == "loading":
-            self._ready.wait(self.cfg.timeout_s)  # another worker may have answered readiness first
-        if not self.ready:
-            raise BackendUnavailable(f"reranker {self.name!r} is not ready ({self.error or self.state})")
+        self._await_ready()
         try:
             return self._rank_here(query, list(documents))
         except BackendError as err:
@@ -224,17 +196,10 @@ class Ranker:
         return self._call(query, documents)
 
     def _call(self, query: str, documents: list[str]) -> np.ndarray:
-        try:
-            if self.backend.delegates:  # its models retry already; do not multiply the attempts
-                raw = self.backend.score(query, documents)
-            else:
-                raw = self.resilience.call(self.backend.score, query, documents)
-        except VecshimError:
-            raise
-        except Exception as err:
-            log.error("reranker %r raised %s", self.backend.name, type(err).__name__, exc_info=True)
-            raise BackendError(f"reranker {self.backend.name!r} failed ({type(err).__name__}); "
-                               f"see the server log") from None
+        if self.backend.delegates:  # its models retry already; do not multiply the attempts
+            raw = self._guarded(lambda: self.backend.score(query, documents))
+        else:
+            raw = self._guarded(lambda: self.resilience.call(self.backend.score, query, documents))
         try:
             arr = np.asarray(raw, dtype=np.float64)
         except (TypeError, ValueError):

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from ..backend import Backend, BackendOptions, TokenizerTextMixin
+from ..backend import Backend, BackendOptions, TokenizerTextMixin, counting_tokenizer
 from ..cpus import available_cpus
 from ..errors import BackendError, ConfigError
 from ..hookspecs import hookimpl
@@ -189,12 +189,7 @@ class SentenceTransformersBackend(TokenizerTextMixin, Backend):
         self.normalized = any(type(m).__name__ == "Normalize" for m in model)
         self._set_prompts(model.prompts)
         self._max_seq_length = model.max_seq_length
-        # A private tokenizer for counting, never reconfigured, so request
-        # threads can use it while encoder threads pad and truncate theirs.
-        from tokenizers import Tokenizer
-        self._counter = Tokenizer.from_str(tok.backend_tokenizer.to_str())
-        self._counter.no_truncation()
-        self._counter.no_padding()
+        self._counter = counting_tokenizer(tok.backend_tokenizer)
         self._model = model
         from .onnx_light import pipeline_pooling
         self.pooling_strategies = pooling_strategies(pipeline_pooling(model))

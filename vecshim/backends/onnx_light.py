@@ -99,7 +99,8 @@ def write_manifest(st_model, folder: Path) -> bool:
     return True
 
 
-def _session(path: Path, threads: int, spin: bool = True, stop_spin: bool = True):
+def cpu_session(path: Path, threads: int, spin: bool = True, stop_spin: bool = True):
+    """An ONNX Runtime CPU session: `threads` intra-op threads, one inter-op, every graph optimisation."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -180,7 +181,7 @@ class LightModel:
         self.tokenizer.enable_truncation(self.max_seq_length)
         self.tokenizer.no_padding()
         self.store = TokenStore()
-        self.session = _session(folder / "model.onnx", threads)
+        self.session = cpu_session(folder / "model.onnx", threads)
         # A text that arrives alone gets every core: a second session with more intra-op
         # threads, spinning only while it runs (so it steals nothing from a batch after it).
         # It costs one more copy of the weights, once per engine (bench/RESULTS.md "Issue 18").
@@ -194,7 +195,7 @@ class LightModel:
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def _load_solo(self, path: Path, threads: int, spin: bool) -> None:
-        self.solo = _session(path, threads, spin=spin)
+        self.solo = cpu_session(path, threads, spin=spin)
 
     @property
     def max_input_tokens(self) -> int:

@@ -116,14 +116,9 @@ class OnnxEncoder:
     """Runs the exported encoder in ONNX Runtime, then the model's own pooling modules."""
 
     def __init__(self, st_model, path: Path, threads: int):
-        import onnxruntime as ort
+        from .onnx_light import cpu_session
 
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.session = cpu_session(path, threads, spin=True)
         self.inputs = [i.name for i in self.session.get_inputs()]
         self.post = list(st_model)[1:]
 
@@ -139,22 +134,19 @@ class OnnxEncoder:
         return features["sentence_embedding"].float().numpy()
 
 
-class _Wrapper:
-    """Positional-argument view of a transformers model, as torch.onnx.export wants."""
+def positional_module(model, names: list[str], output: str):
+    """`model` taking its inputs `names` by position and returning its `output` field, as torch.onnx.export wants."""
+    import torch
 
-    @staticmethod
-    def build(auto_model, names: list[str]):
-        import torch
+    class Positional(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
 
-        class Encoder(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.m = auto_model
+        def forward(self, *tensors):
+            return getattr(self.m(**dict(zip(names, tensors))), output)
 
-            def forward(self, *tensors):
-                return self.m(**dict(zip(names, tensors))).last_hidden_state
-
-        return Encoder().eval()
+    return Positional().eval()
 
 
 def _export_fp32(st_model, dest: Path, eager: bool = False) -> None:
@@ -184,7 +176,7 @@ def _export_fp32(st_model, dest: Path, eager: bool = False) -> None:
     try:
         with warnings.catch_warnings(), torch.inference_mode(False), torch.no_grad():
             warnings.simplefilter("ignore")  # tracer and deprecation chatter; the check set is the test
-            torch.onnx.export(_Wrapper.build(auto, names), tuple(feats[k] for k in names),
+            torch.onnx.export(positional_module(auto, names, "last_hidden_state"), tuple(feats[k] for k in names),
                               str(dest), input_names=names, output_names=["last_hidden_state"],
                               dynamic_axes=axes, opset_version=17, dynamo=False)
     finally:

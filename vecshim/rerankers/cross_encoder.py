@@ -24,7 +24,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from ..backend import TokenizerTextMixin
+from ..backend import TokenizerTextMixin, counting_tokenizer
 from ..errors import BackendError, ConfigError
 from ..hookspecs import hookimpl
 from ..reranker import Reranker, RerankerOptions
@@ -100,11 +100,7 @@ class CrossEncoderReranker(TokenizerTextMixin, Reranker):
         tok = self._ce.tokenizer
         backend = getattr(tok, "backend_tokenizer", None)
         if backend is not None:
-            # A private copy for exact counts, never padded or truncated (the model's own is).
-            from tokenizers import Tokenizer
-            self._counter = Tokenizer.from_str(backend.to_str())
-            self._counter.no_truncation()
-            self._counter.no_padding()
+            self._counter = counting_tokenizer(backend)
         self.max_input_tokens = int(self._ce.max_seq_length) - tok.num_special_tokens_to_add(pair=True)
         if opts.runtime == "onnx":
             self._session = self._load_onnx()
@@ -151,10 +147,9 @@ class CrossEncoderReranker(TokenizerTextMixin, Reranker):
         return self._session.run(None, feed)[0].astype(np.float64).reshape(-1)
 
     def _load_onnx(self):
-        import onnxruntime as ort
-
-        from ..cpus import available_cpus
+        from ..backends.onnx_light import cpu_session
         from ..backends.runtimes import default_cache_dir
+        from ..cpus import available_cpus
 
         digest = hashlib.blake2b(digest_size=12)
         for name, tensor in sorted(self._ce.model.state_dict().items()):
@@ -164,10 +159,7 @@ class CrossEncoderReranker(TokenizerTextMixin, Reranker):
         path = folder / "model.onnx"
         if not path.exists():
             self._export(folder)
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = self.options.threads or available_cpus()
-        so.inter_op_num_threads = 1
-        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        session = cpu_session(path, self.options.threads or available_cpus())
         self._session = session
         got = self._onnx_logits(list(CHECK_PAIRS))
         want = self._torch_logits(list(CHECK_PAIRS))
@@ -179,24 +171,17 @@ class CrossEncoderReranker(TokenizerTextMixin, Reranker):
     def _export(self, folder: Path) -> None:
         import torch
 
+        from ..backends.runtimes import positional_module
+
         feats = self._features([CHECK_PAIRS[0], CHECK_PAIRS[3]], "pt")
         names = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in feats]
-        model = self._ce.model.eval()
-
-        class Classifier(torch.nn.Module):
-            def __init__(self):
-                super().__init__()
-                self.m = model
-
-            def forward(self, *tensors):
-                return self.m(**dict(zip(names, tensors))).logits
-
+        classifier = positional_module(self._ce.model.eval(), names, "logits")
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=".export-", dir=folder.parent))
         axes = {k: {0: "batch", 1: "sequence"} for k in names} | {"logits": {0: "batch"}}
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
-            torch.onnx.export(Classifier().eval(), tuple(feats[k] for k in names), str(tmp / "model.onnx"),
+            torch.onnx.export(classifier, tuple(feats[k] for k in names), str(tmp / "model.onnx"),
                               input_names=names, output_names=["logits"], dynamic_axes=axes,
                               opset_version=17, dynamo=False)
         try:
