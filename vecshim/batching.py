@@ -221,7 +221,7 @@ class Batcher:
                 raise Overloaded(f"model {self.name!r} has {self._queued_tokens} tokens queued "
                                  f"(batch.max_queue_tokens); retry later")
             alone = self.inline and not self._jobs and not self._busy and len(texts) <= self.max_size
-            if alone:  # an idle model: this thread embeds them itself (see _run_inline)
+            if alone:  # an idle model: this thread embeds them itself (see _process)
                 job.next = len(job.units)
                 for u in job.units:
                     u.future.set_running_or_notify_cancel()

@@ -219,13 +219,10 @@ def _env_int(name: str, default: int, least: int) -> int:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = least - 1
-    if value < least:
+    value = raw.strip()
+    if not value.isdigit() or int(value) < least:
         raise ConfigError(f"{name}={raw!r}: expected a whole number >= {least}")
-    return value
+    return int(value)
 
 
 def _env_engine() -> str:
@@ -280,7 +277,7 @@ def share_worker_code() -> None:
     """Import the worker's code once, here in the master, and freeze it out of the collector.
 
     Forked workers then share those pages instead of each importing its
-    own copy (~20 MiB a worker; bench/RESULTS.md "Issue 18, memory"), and
+    own copy (~13 MiB a worker; bench/RESULTS.md "Issue 18, fourth pass"), and
     gc.freeze keeps the workers' collections from writing to, and so
     copying, them. No model, thread or socket is made here; a HUP re-reads
     the configuration but not this code (a new release is a restart).
