@@ -33,11 +33,18 @@ system-deps:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
+# Every test, slow ones included, on two pytest-xdist workers: each test module (each class
+# in test_conformance.py) stays on one worker, so module-scoped servers and exports are
+# shared as in a plain run; tests/conftest.py hands out the longest modules first.
+# TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder)
+
 test: setup system-deps
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(XDIST)
 
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest $(XDIST) -m "not slow"
 
 # Deploy artefacts without a container engine: hadolint, the Compose Specification
 # schema, kubectl kustomize + kubernetes-validate --strict (all from the test extra),

@@ -49,6 +49,42 @@ class Served:
         self.state.close(5)
 
 
+#: The longest units of work, longest first (`pytest --durations`, cold caches, two workers:
+#: the image build, the rerank engine's HUP, the soak, the Model2Vec distil, the ONNX
+#: exports...). They run first so that `make test`'s two xdist workers (--dist loadscope
+#: --no-loadscope-reorder) finish together instead of one starting a minute-long test last.
+#: Every other test keeps its collection order.
+LONGEST_FIRST = (
+    "test_deploy_build.py",
+    "test_engine_rerank.py",
+    "test_soak.py",
+    "test_conformance.py::TestModel2Vec",
+    "test_onnx_runtime.py",
+    "test_cli.py",
+    "test_faults.py",
+    "test_openapi.py",
+    "test_engine.py",
+    "test_concurrency.py",
+    "test_fleet_budget.py",
+    "test_hostile.py",
+    "test_production.py",
+    "test_rate_limits.py",
+    "test_hosted_e2e.py",
+)
+
+
+def _rank(item) -> int:
+    path = item.nodeid.split("/")[-1]
+    for i, unit in enumerate(LONGEST_FIRST):
+        if path == unit or path.startswith(unit + "::"):
+            return i
+    return len(LONGEST_FIRST)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=_rank)  # stable: within a unit, and for all the rest, collection order
+
+
 @pytest.fixture
 def serve():
     """Factory: serve(config_dict, wait=True) -> Served, with FakeBackend registered."""

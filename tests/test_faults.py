@@ -219,7 +219,15 @@ def _children(pid: int) -> set[int]:
     """The master's HTTP workers: its children except the engine process, if any."""
     with open(f"/proc/{pid}/task/{pid}/children") as f:
         kids = {int(p) for p in f.read().split()}
-    return {p for p in kids if b"vecshim.engine" not in Path(f"/proc/{p}/cmdline").read_bytes()}
+    workers = set()
+    for p in kids:
+        try:
+            cmdline = Path(f"/proc/{p}/cmdline").read_bytes()
+        except FileNotFoundError:  # reaped between the two reads (the killed worker): no longer a child
+            continue
+        if b"vecshim.engine" not in cmdline:
+            workers.add(p)
+    return workers
 
 
 @pytest.mark.slow

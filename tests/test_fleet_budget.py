@@ -109,17 +109,21 @@ def test_an_upstream_at_3_calls_per_s_without_headers_costs_no_client_errors(ser
 
 
 def test_tokens_per_minute_are_paced_and_settled_with_the_real_count(serve):
-    # 3000 tokens/min (words here); vecshim estimates from characters and corrects with `usage`.
-    with FakeOpenAI(api_key=KEY, tokens_per_minute=3000) as fake:
-        s = serve(config({"m": openai_model(fake, rate_limit={"tokens_per_minute": 3000})}))
+    # 30000 tokens/min (words here); vecshim estimates from characters and corrects with `usage`.
+    # The load's dimension check (a ~1,800-token passage) is paced too: at 3000/min it alone
+    # took 26 s. The clients send 1,800 words, 4x what the pace lets through in its 1 s burst.
+    with FakeOpenAI(api_key=KEY, tokens_per_minute=30000) as fake:
+        s = serve(config({"m": openai_model(fake, rate_limit={"tokens_per_minute": 30000})}))
         fake.clear()
-        replies, seconds = clients(s, 12, 3, words=10)
+        replies, seconds = clients(s, 12, 15, words=10)
         assert_all_vectors(fake, replies)
         assert fake.limited == 0
-        # What the upstream accepted stays within the pace: 45 tokens/s plus a 1 s burst and one call.
-        assert fake.tokens_accepted <= 45 * (seconds + 1) + 10 * 12
+        # What the upstream accepted stays within the pace: 450 tokens/s plus a 1 s burst and one
+        # call per client. Unpaced, all 1,800 words would go in well under a second.
+        assert fake.tokens_accepted == 12 * 15 * 10
+        assert fake.tokens_accepted <= 450 * (seconds + 1) + 10 * 12
         meta = s.client().request("GET", "/meta").json()["model"]["rate_budget"]
-        assert meta["limits_per_minute"]["tokens"] == 3000
+        assert meta["limits_per_minute"]["tokens"] == 30000
 
 
 def test_a_429_with_retry_after_holds_every_model_on_the_account(serve):
