@@ -49,11 +49,11 @@ class Served:
         self.state.close(5)
 
 
-#: The longest units of work, longest first (`pytest --durations`, cold caches, two workers:
-#: the image build, the rerank engine's HUP, the soak, the Model2Vec distil, the ONNX
-#: exports...). They run first so that `make test`'s two xdist workers (--dist loadscope
-#: --no-loadscope-reorder) finish together instead of one starting a minute-long test last.
-#: Every other test keeps its collection order.
+#: The longest units of work, longest first (`pytest --durations`: the image build, the
+#: rerank engine's HUP, the soak, the Model2Vec distil, the ONNX exports...). They run first
+#: so that `make test`'s xdist workers (--dist loadscope --no-loadscope-reorder) finish
+#: together instead of one starting a minute-long test last. Every other test keeps its
+#: collection order.
 LONGEST_FIRST = (
     "test_deploy_build.py",
     "test_engine_rerank.py",
