@@ -74,6 +74,45 @@ def wait_for(pred, timeout: float, step: float = 0.05):
     return pred()
 
 
+def hup_under_load(proc, cfg_path: Path, edit, request, swapped, *, clients: int, timeout: float):
+    """Reload a server by SIGHUP while `clients` threads each call `request(i, n)` (n = 0, 1, ...) in a loop.
+
+    After 0.5 s of load, `edit(cfg)` changes the YAML config at `cfg_path` and
+    the server gets SIGHUP; the load goes on until `swapped()` holds (at most
+    `timeout` s) and 0.5 s more. Returns `swapped()`'s value (falsy if it never
+    held) and every request's status; a refused or reset connection is a failed
+    request too, recorded as its repr.
+    """
+    statuses: list = []
+    stop_load = threading.Event()
+
+    def client(i):
+        n = 0
+        while not stop_load.is_set():
+            try:
+                statuses.append(request(i, n))
+            except OSError as err:
+                statuses.append(repr(err))
+            n += 1
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        cfg = yaml.safe_load(cfg_path.read_text())
+        edit(cfg)
+        cfg_path.write_text(yaml.safe_dump(cfg))
+        proc.send_signal(signal.SIGHUP)
+        after = wait_for(swapped, timeout, 0.2)
+        time.sleep(0.5)
+    finally:
+        stop_load.set()
+        for t in threads:
+            t.join(timeout)
+    return after, statuses
+
+
 def test_one_model_copy_whatever_the_workers(tmp_path):
     """Three HTTP workers, the bundled ONNX model: only the engine process has ONNX Runtime loaded."""
     proc = start(tmp_path, {"models": {"minilm": {"backend": "sentence-transformers"}}}, "--workers", "3")
@@ -185,39 +224,23 @@ def test_hup_reload_swaps_workers_and_engine_with_zero_failed_requests(tmp_path)
         before = meta(proc.port)
         old_engine = before["engine"]["pid"]
         assert before["model"]["dimension"] == 8
-        statuses: list[int] = []
-        stop_load = threading.Event()
 
-        def client(i):
-            n = 0
-            while not stop_load.is_set():
-                c = GoClient("127.0.0.1", proc.port)
-                try:
-                    statuses.append(c.vectors(f"reload {i} {n}").status)
-                except OSError as err:  # a connection refused or reset is a failed request too
-                    statuses.append(repr(err))
+        def vectors(i, n):
+            c = GoClient("127.0.0.1", proc.port)
+            try:
+                return c.vectors(f"reload {i} {n}").status
+            finally:
                 c.close()
-                n += 1
 
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(8)]
-        for t in threads:
-            t.start()
-        time.sleep(0.5)
-        cfg_path = tmp_path / "vecshim.yaml"
-        cfg = yaml.safe_load(cfg_path.read_text())
-        cfg["models"]["fake"]["options"]["dim"] = 16  # a different vector space
-        cfg_path.write_text(yaml.safe_dump(cfg))
-        proc.send_signal(signal.SIGHUP)
+        def edit(cfg):
+            cfg["models"]["fake"]["options"]["dim"] = 16  # a different vector space
 
         def swapped():
             m = meta(proc.port)
             return m if m["engine"]["pid"] != old_engine and m["model"]["dimension"] == 16 else None
 
-        after = wait_for(swapped, 60, 0.2)
-        time.sleep(0.5)
-        stop_load.set()
-        for t in threads:
-            t.join(30)
+        after, statuses = hup_under_load(proc, tmp_path / "vecshim.yaml", edit, vectors, swapped,
+                                         clients=8, timeout=60)
         assert after is not None, "the reload did not bring a new engine"
         assert len(statuses) > 50 and set(statuses) == {200}, [s for s in statuses if s != 200][:5]
         assert wait_for(lambda: not alive(old_engine), 40, 0.2), "the old engine kept running"

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import wait_http
 from goclient import GoClient
-from test_engine import alive, children, meta, wait_for
+from test_engine import alive, children, hup_under_load, meta, wait_for
 from test_production import fake_model, start, stop
 from test_rerank_cross_encoder import save_tiny_cross_encoder
 from tests.fakes import status
@@ -170,11 +170,6 @@ def test_engine_killed_reranking_answers_json_503_then_recovers(servers):
 
 def test_hup_reload_swaps_the_rerankers_engine_with_zero_failed_requests(tmp_path_factory):
     """HUP under rerank traffic: no failed request, and the new engine serves the reloaded reranker config."""
-    import threading
-    import time
-
-    import yaml
-
     models = tmp_path_factory.mktemp("tiny-ces")
     first, second = (str(save_tiny_cross_encoder(models / f"seed{s}", seed=s)) for s in (0, 1))
     config = {**fake_model(), "cache": {"enabled": False}, "default_reranker": "ce", "rerankers": {
@@ -193,39 +188,18 @@ def test_hup_reload_swaps_the_rerankers_engine_with_zero_failed_requests(tmp_pat
         assert old_answer.json() != new_answer.json(), "the two tiny models score alike: the check would prove nothing"
         old_engine = meta(proc.port)["engine"]["pid"]
 
-        statuses: list = []
-        stop_load = threading.Event()
+        def rerank(i, n):
+            return post(proc.port, "/rerank", {**body, "query": f"{QUERY} {i} {n}"}).status
 
-        def client(i):
-            n = 0
-            while not stop_load.is_set():
-                try:
-                    r = post(proc.port, "/rerank", {**body, "query": f"{QUERY} {i} {n}"})
-                    statuses.append(r.status)
-                except OSError as err:  # a refused or reset connection is a failed request too
-                    statuses.append(repr(err))
-                n += 1
-
-        threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
-        for t in threads:
-            t.start()
-        time.sleep(0.5)
-        cfg_path = home / "vecshim.yaml"
-        cfg = yaml.safe_load(cfg_path.read_text())
-        cfg["rerankers"]["ce"]["options"]["model"] = second
-        cfg_path.write_text(yaml.safe_dump(cfg))
-        proc.send_signal(signal.SIGHUP)
+        def edit(cfg):
+            cfg["rerankers"]["ce"]["options"]["model"] = second
 
         def swapped():
             m = meta(proc.port)
             return m["engine"]["pid"] not in (None, old_engine) and m["rerankers"]["ce"]["state"] == "ready" \
                 and same(post(proc.port, "/rerank", body)) == same(new_answer)
 
-        after = wait_for(swapped, 120, 0.2)
-        time.sleep(0.5)
-        stop_load.set()
-        for t in threads:
-            t.join(60)
+        after, statuses = hup_under_load(proc, home / "vecshim.yaml", edit, rerank, swapped, clients=6, timeout=120)
         assert after, "after HUP /rerank did not answer from a new engine with the reloaded model"
         during = len(statuses)
         assert during > 20 and set(statuses) == {200}, [s for s in statuses if s != 200][:5]

@@ -9,8 +9,8 @@ import pytest
 from pydantic import BaseModel, SecretStr
 
 from fakebackend import FakeBackend, fake_vector
-from vecshim import Backend, BackendOptions
-from vecshim.testing import ConformanceError, run_conformance
+from vecshim import Backend, BackendOptions, Reranker
+from vecshim.testing import ConformanceError, run_conformance, run_reranker_conformance
 from vecshim.testing import checks
 
 
@@ -161,3 +161,42 @@ def test_concurrency_check_really_runs_threads_together():
 
     checks.check_concurrency(checks.Subject(Counting, {}, threads=8))
     assert max(seen) >= 4
+
+
+# -- the reranker kit runs on the same machinery (subject, runner, class and option rules) --
+
+class LengthReranker(Reranker):
+    name = "length"
+
+    def info(self):
+        return {"model": "length"}
+
+    def score(self, query, documents):
+        return [float(len(d)) for d in documents]
+
+
+class LooseReranker(LengthReranker):
+    name = "loose-reranker"
+
+    class Options(BaseModel):  # does not forbid unknown keys
+        pass
+
+
+class ZeroBatchReranker(LengthReranker):
+    name = "zero-batch"
+    max_batch_size = 0
+
+
+def test_a_good_reranker_passes_every_check():
+    assert "check_reranker_served" in run_reranker_conformance(LengthReranker, {})
+
+
+@pytest.mark.parametrize("cls, check, message", [
+    (LooseReranker, "check_reranker_options", "were accepted"),
+    (ZeroBatchReranker, "check_reranker_class", "`max_batch_size` must be None or a positive int"),
+])
+def test_reranker_checks_catch_their_breakage(cls, check, message):
+    with pytest.raises(ConformanceError) as excinfo:
+        run_reranker_conformance(cls, {})
+    lines = [line for line in str(excinfo.value).splitlines() if line.startswith(check + ":")]
+    assert lines and message in lines[0], str(excinfo.value)

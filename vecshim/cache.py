@@ -17,7 +17,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-__all__ = ["MemoryCache", "RedisCache", "TieredCache", "cache_key", "build_cache", "encode_value", "decode_value"]
+__all__ = ["MemoryCache", "RedisCache", "TieredCache", "cache_key", "build_cache", "encode_value", "decode_value",
+           "lookup_or_compute"]
 
 log = logging.getLogger("vecshim.cache")
 
@@ -33,6 +34,32 @@ def cache_key(fingerprint: str, task: str | None, dimensions: int | None, text: 
     h.update(f"{fingerprint}\x00{task or '-'}\x00{dimensions or 0}\x00".encode())
     h.update(text.encode("utf-8", "surrogatepass"))
     return b"vecshim:v2:" + h.hexdigest().encode()
+
+
+def lookup_or_compute(cache, texts: Sequence[str], space: str, task: str | None, dimensions: int | None,
+                      size: int | None, compute: Callable[[list[str]], list[np.ndarray]],
+                      on_lookup: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+    """Vectors for `texts` as served: what `cache` holds for exactly this space, task and size, and
+    `compute(missing texts)` for the rest, which are then stored (`cache` None: compute them all).
+
+    `dimensions` is the requested size (None: the native one), `size` the length
+    served; `on_lookup(hits, misses)` counts each lookup.
+    """
+    out: list[np.ndarray | None] = [None] * len(texts)
+    keys = None
+    if cache is not None:
+        keys = [cache_key(space, task, dimensions, t) for t in texts]
+        out = cache.get_many(keys, space=space, dimension=size)
+        if on_lookup is not None:
+            hits = sum(v is not None for v in out)
+            on_lookup(hits, len(texts) - hits)
+    todo = [i for i, v in enumerate(out) if v is None]
+    if todo:
+        for i, v in zip(todo, compute([texts[i] for i in todo])):
+            out[i] = v
+        if cache is not None:
+            cache.set_many([(keys[i], out[i]) for i in todo], space=space)
+    return out
 
 
 def encode_value(space: str, vector: np.ndarray) -> bytes:

@@ -1,4 +1,5 @@
-"""A configured model: a backend plus text policy, cache, batcher and checks."""
+"""A configured model: a backend plus text policy, cache, batcher and checks (the pure steps live
+in `space`, `long_text` and `cache.lookup_or_compute`)."""
 from __future__ import annotations
 
 import logging
@@ -9,21 +10,17 @@ import numpy as np
 
 from .backend import TASKS, Backend, BackendOptions
 from .batching import Batcher
+from .cache import lookup_or_compute
 from .config import ModelConfig
-from .errors import BackendError, BackendUnavailable, BadRequest, PayloadTooLarge, brief
+from .errors import BackendError, BackendUnavailable, BadRequest, brief
 from . import space
+from .long_text import HOSTED_REQUEST_TOKENS, LOCAL_REQUEST_TOKENS, count_within_limit, merge_units, plan_units
 from .plugins import build_plugin
 from .served import Served, fingerprint_hash
 
 __all__ = ["Model", "build_backend", "UnavailableBackend"]
 
 log = logging.getLogger("vecshim.model")
-#: Default per-request token limits (docs/operations.md "Connections" has the measurements).
-LOCAL_REQUEST_TOKENS = 16_384
-HOSTED_REQUEST_TOKENS = 1_048_576
-#: A prefix of (limit + 1) x this many characters holds more than `limit` tokens in
-#: most text (about 4-5 characters per token), so probing it refuses early.
-_PROBE_CHARS_PER_TOKEN = 6
 
 
 def build_backend(name: str, cfg: ModelConfig, cls: type[Backend]) -> Backend:
@@ -197,21 +194,13 @@ class Model(Served):
                  self.load_seconds, extra={"model": self.name})
 
     def _learn_dimension(self) -> int:
-        """The declared dimension, checked; else the one length every check text gets."""
-        declared = self.backend.dimension
-        texts = space.check_texts(self.backend)
-        if declared is not None:
-            texts = {"short": texts["short"]}
-        lengths = {}
-        for label, text in texts.items():
-            # One text per call, so a wrong length names its text. A cold model may be
-            # slow on its first call: allow more than a request gets.
+        """The declared dimension, checked; else the one length every check text gets (`space.learn_dimension`)."""
+        def length_of(text: str) -> int:
+            # A cold model may be slow on its first call: allow more than a request gets.
             futures = self.batcher.submit([text], self.backend.count_tokens([text]), self._task_key("passage"))
-            lengths[label] = int(self.batcher.wait(futures, max(self.cfg.timeout_s, 120))[0].shape[0])
-        problem = space.dimension_problem(self.backend.name, lengths, declared)
-        if problem:
-            raise BackendError(problem)
-        return next(iter(lengths.values()))
+            return int(self.batcher.wait(futures, max(self.cfg.timeout_s, 120))[0].shape[0])
+
+        return space.learn_dimension(self.backend, length_of)
 
     def _attach_budget(self) -> None:
         """Give a hosted backend (one with `rate_account()`) its account's fleet budget."""
@@ -245,44 +234,14 @@ class Model(Served):
                 return self.resilience.call(fn, texts, task, tokens=tokens, **extra)
             return self.resilience.call(self.backend.embed, texts, task, **extra)
 
-        raw = self._guarded(call)
-        try:
-            arr = np.asarray(raw, dtype=np.float32)
-        except (TypeError, ValueError) as err:
-            lengths = _lengths(raw)
-            if lengths:
-                raise BackendError(f"backend {self.backend.name!r} returned vectors of different lengths "
-                                   f"in one call ({', '.join(map(str, lengths))})") from None
-            raise BackendError(f"backend {self.backend.name!r} returned non-numeric vectors") from err
-        if arr.ndim != 2 or arr.shape[0] != len(texts):
-            raise BackendError(f"backend {self.backend.name!r} returned {arr.shape[0] if arr.ndim else 0} "
-                               f"vectors for {len(texts)} texts")
-        if arr.shape[1] == 0 or (self.dimension is not None and arr.shape[1] != self.dimension):
-            raise BackendError(f"backend {self.backend.name!r} returned vectors of length {arr.shape[1]}, "
-                               f"expected {self.dimension}")
-        if not np.isfinite(arr).all():
-            raise BackendError(f"backend {self.backend.name!r} returned non-finite numbers")
-        return arr
+        return space.checked_vectors(self._guarded(call), len(texts), self.dimension, self.backend.name)
 
     def check_dimensions(self, dimensions: int | None) -> int | None:
-        """Validate a requested output size; None means the native size.
-
-        Below the native size the vector is truncated (and renormalised if the
-        model's vectors are unit length), as sentence-transformers' `truncate_dim`
-        does, unless the model is configured `dimensions: strict` and is not
-        Matryoshka-trained.
-        """
+        """Validate a requested output size; None means the native size (see `space.resolve_dimensions`)."""
         if dimensions is None or dimensions == self.dimension:
             return None
-        if isinstance(dimensions, bool) or not isinstance(dimensions, int) or dimensions < 1:
-            raise BadRequest(f"dimensions must be a positive integer, got {brief(dimensions)}")
-        if self.dimension is not None and dimensions > self.dimension:
-            raise BadRequest(f"model {self.name!r} has {self.dimension} dimensions; cannot serve {dimensions}")
-        if not self.matryoshka and self.cfg.dimensions == "strict":
-            raise BadRequest(f"model {self.name!r} produces {self.dimension} dimensions and does not support "
-                             f"truncation (not a Matryoshka model, dimensions: strict); omit dimensions or "
-                             f"set it to {self.dimension}")
-        return dimensions
+        return space.resolve_dimensions(self.name, self.dimension, dimensions, self.matryoshka,
+                                        self.cfg.dimensions == "strict")
 
     def check_pooling(self, pooling) -> str | None:
         """Validate a request's `pooling_strategy`; None means the model's own pooling."""
@@ -305,28 +264,13 @@ class Model(Served):
         the request's pooling), the task and the served size, and checked
         against that space and size when read back.
         """
-        key = self._task_key(task)
-        sid = space.space_id(self.fingerprint, pooling)
-        size = dims or self.dimension
-        out: list[np.ndarray | None] = [None] * len(texts)
-        keys = None
-        if self.cache is not None:
-            from .cache import cache_key
-            keys = [cache_key(sid, key, dims, t) for t in texts]
-            out = self.cache.get_many(keys, space=sid, dimension=size)
-            if self.stats:
-                hits = sum(v is not None for v in out)
-                self.stats.cache(self.name, hits, len(texts) - hits)
-        todo = [i for i, v in enumerate(out) if v is None]
-        if todo:
-            fresh = self._run([texts[i] for i in todo], task, pooling)
-            if dims is not None:
-                fresh = [space.truncate(v, dims, self.normalized) for v in fresh]
-            for i, v in zip(todo, fresh):
-                out[i] = v
-            if self.cache is not None:
-                self.cache.set_many([(keys[i], out[i]) for i in todo], space=sid)
-        return out
+        def compute(missing: list[str]) -> list[np.ndarray]:
+            fresh = self._run(missing, task, pooling)
+            return fresh if dims is None else [space.truncate(v, dims, self.normalized) for v in fresh]
+
+        counted = (lambda hits, misses: self.stats.cache(self.name, hits, misses)) if self.stats else None
+        return lookup_or_compute(self.cache, texts, space.space_id(self.fingerprint, pooling), self._task_key(task),
+                                 dims, dims or self.dimension, compute, counted)
 
     def _run(self, texts: list[str], task: str, pooling: str | None = None) -> list[np.ndarray]:
         """Embed cache misses: prefixes, long-text policy, batcher, fallbacks."""
@@ -347,88 +291,14 @@ class Model(Served):
             raise
 
     def _run_here(self, texts: list[str], task: str, pooling: str | None = None) -> list[np.ndarray]:
+        """Prefixes, the request's token limit and the long-text policy around one batcher round trip."""
         prefix = self.cfg.prefixes.query if task == "query" else self.cfg.prefixes.passage
-        limit = self.backend.max_input_tokens
         inputs = [prefix + t for t in texts]
-        counts = self._count_within_limit(inputs)
-        units: list[str] = []
-        unit_tokens: list[int] = []
-        spans: list[tuple[int, int]] = []
-        for text, full, n in zip(texts, inputs, counts):
-            start = len(units)
-            if limit is None or n <= limit:
-                units.append(full)
-                unit_tokens.append(n)
-            elif self.cfg.long_text == "error":
-                raise PayloadTooLarge(f"text has {n} tokens; model {self.name!r} reads at most {limit} "
-                                      f"(long_text: error)")
-            else:
-                room = max(1, limit - (self.backend.count_tokens([prefix])[0] if prefix else 0))
-                windows = self.backend.split_text(text, room)
-                if self.cfg.long_text == "truncate":
-                    windows = windows[:1]
-                units.extend(prefix + w for w in windows)
-                unit_tokens.extend(self.backend.count_tokens([prefix + w for w in windows]))
-            spans.append((start, len(units)))
+        counts = count_within_limit(self.backend, inputs, self.max_request_tokens, self.name)
+        units, unit_tokens, spans = plan_units(self.backend, texts, inputs, counts, prefix, self.cfg.long_text,
+                                               self.name)
         deadline = time.monotonic() + self.cfg.timeout_s
         bkey = self._task_key(task) if pooling is None else (self._task_key(task), pooling)
         futures = self.batcher.submit(units, unit_tokens, bkey, deadline=deadline)
         vecs = self.batcher.wait(futures, self.cfg.timeout_s)
-        out = []
-        for a, b in spans:
-            if b - a == 1:
-                v = vecs[a]
-            else:
-                weights = np.asarray(unit_tokens[a:b], dtype=np.float32)
-                v = (np.stack(vecs[a:b]) * weights[:, None]).sum(0) / weights.sum()
-                if self.normalized:
-                    v = _unit(v)
-            if self.cfg.normalize:
-                v = _unit(v)
-            out.append(np.ascontiguousarray(v, dtype=np.float32))
-        return out
-
-
-    def _count_within_limit(self, inputs: list[str]) -> list[int]:
-        """Token counts, refusing (413) an over-size request before tokenizing all of it.
-
-        Counting a megabyte of text takes seconds. Texts are counted in groups
-        of about the limit's worth of characters, stopping once the total is
-        over; a long text is first probed by a prefix, whose count (if over
-        what is left) proves the request too large at a cost bounded by the limit.
-        """
-        limit = self.max_request_tokens
-        budget = (limit + 1) * _PROBE_CHARS_PER_TOKEN
-        counts: list[int] = []
-        total, i, n = 0, 0, len(inputs)
-        while i < n:
-            j, size = i + 1, len(inputs[i])
-            while j < n and size + len(inputs[j]) <= budget:
-                size += len(inputs[j])
-                j += 1
-            if size > budget:  # one long text: probe a prefix first
-                room = limit - total
-                if self.backend.count_tokens([inputs[i][:(room + 1) * _PROBE_CHARS_PER_TOKEN]])[0] > room:
-                    total = limit + 1
-            if total <= limit:
-                got = self.backend.count_tokens(inputs[i:j])
-                counts.extend(got)
-                total += sum(got)
-            if total > limit:
-                raise PayloadTooLarge(f"request has more than {limit} tokens; model {self.name!r} accepts at "
-                                      f"most {limit} per request (batch.max_request_tokens)")
-            i = j
-        return counts
-
-
-def _lengths(raw) -> list[int] | None:
-    """Each row's length if `raw` is a sequence of sequences, else None."""
-    try:
-        return [len(r) for r in raw]
-    except TypeError:
-        return None
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    n = float(np.linalg.norm(v))
-    return (v / n).astype(np.float32) if n > 0 else v
+        return merge_units(vecs, unit_tokens, spans, self.normalized, self.cfg.normalize)

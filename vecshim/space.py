@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from .errors import BadRequest, ConfigError, brief
+from .errors import BackendError, BadRequest, ConfigError, brief
 
 __all__ = ["CHECK_TEXTS", "DEFAULT_POOLING", "identity_problem", "check_texts", "dimension_problem",
-           "space_id", "resolve_pooling", "truncate", "differences"]
+           "learn_dimension", "checked_vectors", "space_id", "resolve_pooling", "resolve_dimensions", "truncate", "differences"]
 
 #: Weaviate's default `pooling_strategy`: it sends this unless a collection sets another.
 DEFAULT_POOLING = "masked_mean"
@@ -74,6 +74,52 @@ def dimension_problem(backend_name: str, lengths: dict[str, int], declared: int 
             f"vecshim will not guess which is the model's dimension")
 
 
+def learn_dimension(backend, length_of: Callable[[str], int]) -> int:
+    """A declared dimension, checked with the short text; else the one length every check text gets.
+
+    `length_of(text)` embeds one text per call, so a wrong length names its text.
+    """
+    declared = backend.dimension
+    texts = check_texts(backend)
+    if declared is not None:
+        texts = {"short": texts["short"]}
+    lengths = {label: length_of(text) for label, text in texts.items()}
+    problem = dimension_problem(backend.name, lengths, declared)
+    if problem:
+        raise BackendError(problem)
+    return next(iter(lengths.values()))
+
+
+def checked_vectors(raw: Any, count: int, dimension: int | None, backend_name: str) -> np.ndarray:
+    """A backend's reply to one call as a float32 array, or BackendError: `count` finite
+    vectors of one length (of `dimension`, once it is known)."""
+    try:
+        arr = np.asarray(raw, dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        lengths = _lengths(raw)
+        if lengths:
+            raise BackendError(f"backend {backend_name!r} returned vectors of different lengths "
+                               f"in one call ({', '.join(map(str, lengths))})") from None
+        raise BackendError(f"backend {backend_name!r} returned non-numeric vectors") from err
+    if arr.ndim != 2 or arr.shape[0] != count:
+        raise BackendError(f"backend {backend_name!r} returned {arr.shape[0] if arr.ndim else 0} "
+                           f"vectors for {count} texts")
+    if arr.shape[1] == 0 or (dimension is not None and arr.shape[1] != dimension):
+        raise BackendError(f"backend {backend_name!r} returned vectors of length {arr.shape[1]}, "
+                           f"expected {dimension}")
+    if not np.isfinite(arr).all():
+        raise BackendError(f"backend {backend_name!r} returned non-finite numbers")
+    return arr
+
+
+def _lengths(raw) -> list[int] | None:
+    """Each row's length if `raw` is a sequence of sequences, else None."""
+    try:
+        return [len(r) for r in raw]
+    except TypeError:
+        return None
+
+
 def space_id(fingerprint: str, pooling: str | None) -> str:
     """The fingerprint of a model's vectors under a request's pooling (its own: the fingerprint)."""
     if pooling is None:
@@ -98,6 +144,28 @@ def resolve_pooling(model_name: str, supported: tuple[str, ...], requested: Any)
         return requested
     raise BadRequest(f"model {model_name!r} does not support pooling_strategy {brief(requested)}; "
                      f"supported: {', '.join(supported)}")
+
+
+def resolve_dimensions(model_name: str, native: int | None, requested: Any, matryoshka: bool,
+                       strict: bool) -> int | None:
+    """The output size a request asks for: None for the native size, else one served by truncation, else 400.
+
+    Below the native size the vector is truncated (and renormalised if the
+    model's vectors are unit length), as sentence-transformers' `truncate_dim`
+    does, unless the model is configured `dimensions: strict` and is not
+    Matryoshka-trained.
+    """
+    if requested is None or requested == native:
+        return None
+    if isinstance(requested, bool) or not isinstance(requested, int) or requested < 1:
+        raise BadRequest(f"dimensions must be a positive integer, got {brief(requested)}")
+    if native is not None and requested > native:
+        raise BadRequest(f"model {model_name!r} has {native} dimensions; cannot serve {requested}")
+    if not matryoshka and strict:
+        raise BadRequest(f"model {model_name!r} produces {native} dimensions and does not support "
+                         f"truncation (not a Matryoshka model, dimensions: strict); omit dimensions or "
+                         f"set it to {native}")
+    return requested
 
 
 def truncate(v: np.ndarray, dims: int, renormalise: bool) -> np.ndarray:

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 from ..backend import Backend
 from .checks import CHECKS
 from .rerank_checks import RERANKER_CHECKS, RerankerSubject, run_reranker_conformance
-from .subject import TEXTS, ConformanceError, Subject
+from .subject import TEXTS, ConformanceError, Subject, run_checks
 
 __all__ = ["BackendConformance", "ConformanceError", "Subject", "run_conformance", "CHECKS", "TEXTS",
            "RerankerConformance", "RerankerSubject", "run_reranker_conformance", "RERANKER_CHECKS"]
@@ -37,20 +37,7 @@ def run_conformance(backend_class: type[Backend], options: dict[str, Any] | None
     """Run every check; return their names, or raise ConformanceError listing each failure."""
     subject = Subject(backend_class, dict(options or {}), tuple(secret_values), tuple(invalid_options),
                       failing_options, tolerance, threads)
-    failures = []
-    try:
-        for check in CHECKS:
-            try:
-                check(subject)
-            except ConformanceError as err:
-                failures.append(f"{check.__name__}: {err}")
-            except Exception as err:  # a backend that crashes a check fails it too
-                failures.append(f"{check.__name__}: {type(err).__name__}: {err}")
-    finally:
-        subject.close()
-    if failures:
-        raise ConformanceError("\n".join(failures))
-    return [c.__name__ for c in CHECKS]
+    return run_checks(subject, CHECKS)
 
 
 def __getattr__(name: str):

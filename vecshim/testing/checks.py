@@ -1,20 +1,22 @@
 """The conformance checks, as plain functions: usable with or without pytest."""
 from __future__ import annotations
 
-import inspect
 import json
 import threading
 from typing import Any, Callable
 
 import numpy as np
-from pydantic import BaseModel, SecretStr
+from pydantic import SecretStr
 
 from ..backend import TASKS, Backend
 from ..config import ModelConfig
 from ..errors import BackendError, ConfigError, VecshimError
 from ..model import Model
 from ..space import identity_problem
-from .subject import _WORDS, TEXTS, ConformanceError, Subject, assert_close as _close, embed, require
+from .subject import (
+    _WORDS, TEXTS, ConformanceError, Subject, assert_close as _close, embed, require, require_limits,
+    require_options_rejected, require_plugin_class, run_threads,
+)
 
 __all__ = ["ConformanceError", "Subject", "CHECKS", "TEXTS"]
 
@@ -23,17 +25,11 @@ __all__ = ["ConformanceError", "Subject", "CHECKS", "TEXTS"]
 def check_class(s: Subject) -> None:
     """Registration shape: a concrete Backend with a name, Options and sane capabilities."""
     cls = s.backend_class
-    require(inspect.isclass(cls) and issubclass(cls, Backend), f"{cls!r} is not a vecshim.Backend subclass")
-    require(isinstance(getattr(cls, "name", None), str) and cls.name, "backend has no `name`")
-    require(not inspect.isabstract(cls), f"backend does not implement {sorted(cls.__abstractmethods__)}")
-    require(inspect.isclass(cls.Options) and issubclass(cls.Options, BaseModel), "`Options` is not a pydantic model")
+    require_plugin_class(cls, Backend, "backend")
     require(isinstance(cls.requires, tuple) and all(isinstance(m, str) for m in cls.requires),
             "`requires` must be a tuple of module names")
     b = s.backend
-    for attr in ("max_batch_size", "max_input_tokens", "max_batch_tokens", "concurrency"):
-        value = getattr(b, attr)
-        require(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
-                f"`{attr}` must be None or a positive int, got {value!r}")
+    require_limits(b)
     for attr in ("task_aware", "normalized", "matryoshka", "in_process"):
         require(isinstance(getattr(b, attr), bool), f"`{attr}` must be a bool")
     cost = b.batch_cost
@@ -44,16 +40,8 @@ def check_class(s: Subject) -> None:
 def check_options(s: Subject) -> None:
     """Unknown and invalid options fail as ConfigError (never at first request)."""
     s.build()
-    bad = [{**s.options, "no_such_option_xyz": 1}, *s.invalid_options]
-    for options in bad:
-        try:
-            s.build(options)
-        except ConfigError as err:
-            require("models.conformance.options" in err.message,
-                    f"the error for options {options} does not name the option: {err.message!r}")
-        else:
-            raise ConformanceError(f"options {options} were accepted; Options must reject them "
-                                   f"(use vecshim.BackendOptions, which forbids unknown keys)")
+    require_options_rejected(s, "models.conformance.options",
+                             " (use vecshim.BackendOptions, which forbids unknown keys)")
 
 
 def check_info(s: Subject) -> None:
@@ -172,12 +160,7 @@ def check_concurrency(s: Subject) -> None:
             except BaseException as err:  # reported below, in the test's thread
                 got[i] = err
 
-    threads = [threading.Thread(target=worker, args=(k,)) for k in range(s.threads)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    require(not any(t.is_alive() for t in threads), "embed() calls from several threads did not finish in 120 s")
+    require(run_threads(s.threads, worker), "embed() calls from several threads did not finish in 120 s")
     for i, (w, g) in enumerate(zip(want, got)):
         if isinstance(g, BaseException):
             raise ConformanceError(f"concurrent embed() raised {type(g).__name__}: {g}")

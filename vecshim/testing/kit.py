@@ -1,4 +1,8 @@
-"""`BackendConformance`: the conformance checks as pytest tests (imports pytest)."""
+"""`BackendConformance`: the conformance checks as pytest tests (imports pytest).
+
+`Conformance` holds what the author sets on either kit; `RerankerConformance`
+(in `rerank_kit`) builds on it too.
+"""
 from __future__ import annotations
 
 from typing import Any, ClassVar, Sequence
@@ -7,40 +11,59 @@ import pytest
 
 from ..backend import Backend
 from . import checks
-from .subject import Subject
+from .subject import PluginSubject, Subject
 
-__all__ = ["BackendConformance"]
+__all__ = ["BackendConformance", "Conformance"]
 
 
-class BackendConformance:
-    """Base class of a backend's conformance tests; set the class attributes below.
+class Conformance:
+    """What the author sets on a kit's pytest base class, and the subject it makes of them.
 
     Not collected itself (no `Test` prefix); a subclass named `Test...` is.
     """
 
-    #: The Backend subclass under test (required).
-    backend_class: ClassVar[type[Backend]]
     #: The `options:` mapping a config would give it.
     options: ClassVar[dict[str, Any]] = {}
     #: Values that must never appear in info(), fingerprint_parts() or error messages.
     secret_values: ClassVar[Sequence[str]] = ()
     #: Option mappings that must be rejected at config time (unknown keys are always tried).
     invalid_options: ClassVar[Sequence[dict[str, Any]]] = ()
-    #: Options that validate and load but make embed() fail (None: skip that check).
+    #: Options that validate and load but make embed() (a reranker: score()) fail (None: skip that check).
     failing_options: ClassVar[dict[str, Any] | None] = None
-    #: Largest allowed difference between vectors that should be equal.
+    #: Largest allowed difference between vectors (or scores) that should be equal.
     tolerance: ClassVar[float] = 1e-4
-    #: Threads calling embed() at once in the thread-safety check.
+    #: Threads calling embed() (or score()) at once in the thread-safety check.
     threads: ClassVar[int] = 8
+
+    @classmethod
+    def _kit_settings(cls) -> dict[str, Any]:
+        """The settings above, as a subject takes them."""
+        return {"options": dict(cls.options), "secret_values": tuple(cls.secret_values),
+                "invalid_options": tuple(cls.invalid_options), "failing_options": cls.failing_options,
+                "tolerance": cls.tolerance, "threads": cls.threads}
+
+    @classmethod
+    def _kit_subject(cls) -> PluginSubject:
+        raise NotImplementedError
 
     @pytest.fixture(scope="class")
     @classmethod
     def conformance_subject(cls):
-        """One loaded backend per test class, closed afterwards."""
-        subject = Subject(cls.backend_class, dict(cls.options), tuple(cls.secret_values),
-                          tuple(cls.invalid_options), cls.failing_options, cls.tolerance, cls.threads)
+        """One loaded backend (or reranker) per test class, closed afterwards."""
+        subject = cls._kit_subject()
         yield subject
         subject.close()
+
+
+class BackendConformance(Conformance):
+    """Base class of a backend's conformance tests; set the class attributes below and of `Conformance`."""
+
+    #: The Backend subclass under test (required).
+    backend_class: ClassVar[type[Backend]]
+
+    @classmethod
+    def _kit_subject(cls) -> Subject:
+        return Subject(cls.backend_class, **cls._kit_settings())
 
     def test_class_and_capabilities(self, conformance_subject):
         """A concrete Backend with a name, a pydantic Options and well-typed capabilities."""

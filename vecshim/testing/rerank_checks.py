@@ -1,21 +1,26 @@
-"""The reranker conformance checks, as plain functions (the pytest base class is in `rerank_kit`)."""
+"""The reranker conformance checks, as plain functions (the pytest base class is in `rerank_kit`).
+
+They build on the backend kit's machinery in `subject`: the subject's settings and
+loading, the runner, the class, limit and option rules and the thread harness.
+"""
 from __future__ import annotations
 
-import inspect
 import json
 import math
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-from pydantic import BaseModel, SecretStr
+from pydantic import SecretStr
 
 from ..config import RerankerConfig
 from ..errors import BackendError, ConfigError, VecshimError
 from ..ranking import Ranker, bind_models, build_reranker
 from ..reranker import Reranker
-from .subject import _SECRET_FIELD, _WORDS, TEXTS, ConformanceError, require
+from .subject import (
+    _SECRET_FIELD, _WORDS, TEXTS, ConformanceError, PluginSubject, require, require_limits, require_options_rejected,
+    require_plugin_class, run_checks, run_threads,
+)
 
 __all__ = ["RerankerSubject", "RERANKER_CHECKS", "run_reranker_conformance", "QUERY"]
 
@@ -25,18 +30,16 @@ DOCUMENTS = (*TEXTS, "")
 
 
 @dataclass
-class RerankerSubject:
-    """The reranker under test: its class, options, and the embedding models it may use."""
+class RerankerSubject(PluginSubject):
+    """The reranker under test (`backend_class`, also `reranker_class`): its class, options, and the
+    embedding models it may use."""
 
-    reranker_class: type[Reranker]
-    options: dict[str, Any] = field(default_factory=dict)
-    secret_values: Sequence[str] = ()
-    invalid_options: Sequence[dict[str, Any]] = ()
-    failing_options: dict[str, Any] | None = None
-    tolerance: float = 1e-4
-    threads: int = 8
+    backend_class: type[Reranker]
     models: Mapping[str, Any] = field(default_factory=dict)
-    _loaded: Reranker | None = None
+
+    @property
+    def reranker_class(self) -> type[Reranker]:
+        return self.backend_class
 
     def build(self, options: dict[str, Any] | None = None) -> Reranker:
         """Validate options, construct and hand over the models, as the server does."""
@@ -48,10 +51,7 @@ class RerankerSubject:
     @property
     def reranker(self) -> Reranker:
         """The loaded reranker shared by the checks."""
-        if self._loaded is None:
-            self._loaded = self.build()
-            self._loaded.load()
-        return self._loaded
+        return self.backend
 
     def scores(self, query: str, documents: Sequence[str], reranker: Reranker | None = None) -> np.ndarray:
         """Call score() and check one finite number per document, within score_range."""
@@ -69,12 +69,6 @@ class RerankerSubject:
                 f"scores {arr.min():.4g}..{arr.max():.4g} fall outside score_range {r.score_range}")
         return arr
 
-    def close(self) -> None:
-        """Close the shared reranker."""
-        if self._loaded is not None:
-            self._loaded.close()
-            self._loaded = None
-
 
 def _close(a: np.ndarray, b: np.ndarray, tol: float, what: str) -> None:
     require(np.allclose(a, b, atol=tol, rtol=0), f"{what}: largest difference {np.abs(a - b).max():.3g} > {tol}")
@@ -82,16 +76,9 @@ def _close(a: np.ndarray, b: np.ndarray, tol: float, what: str) -> None:
 
 def check_reranker_class(s: RerankerSubject) -> None:
     """A concrete Reranker with a name, a pydantic Options and well-typed capabilities."""
-    cls = s.reranker_class
-    require(inspect.isclass(cls) and issubclass(cls, Reranker), f"{cls!r} is not a vecshim.Reranker subclass")
-    require(isinstance(getattr(cls, "name", None), str) and cls.name, "reranker has no `name`")
-    require(not inspect.isabstract(cls), f"reranker does not implement {sorted(cls.__abstractmethods__)}")
-    require(inspect.isclass(cls.Options) and issubclass(cls.Options, BaseModel), "`Options` is not a pydantic model")
+    require_plugin_class(s.reranker_class, Reranker, "reranker")
     r = s.reranker
-    for attr in ("max_batch_size", "max_input_tokens", "max_batch_tokens", "concurrency"):
-        value = getattr(r, attr)
-        require(value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 1),
-                f"`{attr}` must be None or a positive int, got {value!r}")
+    require_limits(r)
     low, high = r.score_range
     require(all(v is None or (isinstance(v, (int, float)) and math.isfinite(v)) for v in (low, high))
             and (low is None or high is None or low < high), f"`score_range` is malformed: {r.score_range!r}")
@@ -100,14 +87,7 @@ def check_reranker_class(s: RerankerSubject) -> None:
 
 def check_reranker_options(s: RerankerSubject) -> None:
     """Unknown and invalid options fail as ConfigError naming the option."""
-    for options in [{**s.options, "no_such_option_xyz": 1}, *s.invalid_options]:
-        try:
-            s.build(options)
-        except ConfigError as err:
-            require("rerankers.conformance" in err.message,
-                    f"the error for options {options} does not name the option: {err.message!r}")
-        else:
-            raise ConformanceError(f"options {options} were accepted; Options must reject them")
+    require_options_rejected(s, "rerankers.conformance")
 
 
 def check_reranker_info(s: RerankerSubject) -> None:
@@ -149,11 +129,7 @@ def check_reranker_concurrency(s: RerankerSubject) -> None:
         except BaseException as err:  # reported below
             errors.append(err)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(s.threads)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    run_threads(s.threads, work)
     require(not errors, f"concurrent score() raised {errors[:1]!r}")
     require(len(results) == s.threads, "concurrent score() calls did not finish within 120 s")
     for q, got in results.values():
@@ -207,20 +183,5 @@ def run_reranker_conformance(reranker_class: type[Reranker], options: dict[str, 
     """Run every reranker check; return their names, or raise ConformanceError listing each failure."""
     subject = RerankerSubject(reranker_class, dict(options or {}), tuple(secret_values), tuple(invalid_options),
                               failing_options, tolerance, threads, dict(models or {}))
-    failures, ran = [], []
-    try:
-        for check in RERANKER_CHECKS:
-            if check is check_reranker_failure and failing_options is None:
-                continue
-            ran.append(check.__name__)
-            try:
-                check(subject)
-            except ConformanceError as err:
-                failures.append(f"{check.__name__}: {err}")
-            except Exception as err:
-                failures.append(f"{check.__name__}: {type(err).__name__}: {err}")
-    finally:
-        subject.close()
-    if failures:
-        raise ConformanceError("\n".join(failures))
-    return ran
+    return run_checks(subject, [c for c in RERANKER_CHECKS
+                                if not (c is check_reranker_failure and failing_options is None)])

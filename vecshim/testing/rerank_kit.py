@@ -1,7 +1,7 @@
 """`RerankerConformance`: the reranker checks as pytest tests (imports pytest)."""
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping, Sequence
+from typing import Any, ClassVar, Mapping
 
 import pytest
 
@@ -10,34 +10,28 @@ from .rerank_checks import (
     RerankerSubject, check_reranker_class, check_reranker_concurrency, check_reranker_failure, check_reranker_info,
     check_reranker_options, check_reranker_scores, check_reranker_served,
 )
+from .kit import Conformance
 
 __all__ = ["RerankerConformance"]
 
 
-class RerankerConformance:
-    """Base class of a reranker's conformance tests; set the class attributes below."""
+class RerankerConformance(Conformance):
+    """Base class of a reranker's conformance tests; set the class attributes below and of `Conformance`."""
 
     #: The Reranker subclass under test (required).
     reranker_class: ClassVar[type[Reranker]]
-    #: The `options:` mapping a config would give it.
-    options: ClassVar[dict[str, Any]] = {}
     #: Embedding models handed to `use_models()` (objects with `embed(texts, task)`).
     models: ClassVar[Mapping[str, Any]] = {}
-    secret_values: ClassVar[Sequence[str]] = ()
-    invalid_options: ClassVar[Sequence[dict[str, Any]]] = ()
-    failing_options: ClassVar[dict[str, Any] | None] = None
-    tolerance: ClassVar[float] = 1e-4
-    threads: ClassVar[int] = 8
+
+    @classmethod
+    def _kit_subject(cls) -> RerankerSubject:
+        return RerankerSubject(cls.reranker_class, **cls._kit_settings(), models=dict(cls.models))
 
     @pytest.fixture(scope="class")
     @classmethod
-    def reranker_subject(cls):
-        """One loaded reranker per test class, closed afterwards."""
-        subject = RerankerSubject(cls.reranker_class, dict(cls.options), tuple(cls.secret_values),
-                                  tuple(cls.invalid_options), cls.failing_options, cls.tolerance, cls.threads,
-                                  dict(cls.models))
-        yield subject
-        subject.close()
+    def reranker_subject(cls, conformance_subject):
+        """The test class's loaded reranker (`conformance_subject` by its reranker name)."""
+        return conformance_subject
 
     def test_reranker_class(self, reranker_subject):
         """A concrete Reranker with a name, a pydantic Options and sane capabilities."""
