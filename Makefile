@@ -33,8 +33,8 @@ system-deps:
 	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-# Every test, slow ones included, on three pytest-xdist workers (on 2 cores: many tests wait
-# on servers and sleeps, and three measured faster than two, quiet and beside CPU hogs).
+# Every test, slow ones included, on three pytest-xdist workers (2 cores here, but many tests
+# wait on servers and sleeps; README.md gives the measured time).
 # Each test module (each class in test_conformance.py) stays on one worker, so module-scoped
 # servers and exports are shared as in a plain run; tests/conftest.py hands out the longest
 # modules first. TEST_WORKERS=0 runs everything in one process.
