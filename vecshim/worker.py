@@ -110,8 +110,14 @@ class VecshimWorker(ThreadWorker):
     def _lean_handler(self):
         """`lean_vectors` bound to the app's state, or None where the lean path must not run."""
         state = getattr(self.wsgi, "extensions", {}).get("vecshim")
-        if state is None or state.config.server.auth.embed_tokens or not self._plain() \
-                or self.cfg.accesslog or self.cfg.proxy_protocol not in (None, False, "off"):
+        if state is None:
+            return None
+        why = ("server.auth.embed_tokens is set" if state.config.server.auth.embed_tokens
+               else "TLS or HTTP/2" if not self._plain()
+               else "a gunicorn accesslog is set" if self.cfg.accesslog
+               else "proxy_protocol is on" if self.cfg.proxy_protocol not in (None, False, "off") else None)
+        log.info("worker %d: lean POST /vectors path %s", self.pid, f"off ({why})" if why else "on")
+        if why:
             return None
         from .api.weaviate import lean_vectors
         return partial(lean_vectors, state)
