@@ -48,11 +48,12 @@ BODIES = [
 ]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=["1", "2"], ids=["in-process", "engine"])
+def server(tmp_path_factory, request):
+    """One worker with the model in-process, and two workers with the engine."""
     tmp = tmp_path_factory.mktemp("lean")
     proc = start(tmp, {**fake_model(), "cache": {"enabled": False}, "server": {"max_text_chars": 4000}},
-                 "--workers", "1")
+                 "--workers", request.param)
     yield proc
     stop(proc)
 
