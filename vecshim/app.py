@@ -23,13 +23,14 @@ from .plugins import collect_backends, get_plugin_manager, plugin_infos
 from .ranking import build_rankers
 from .api import compat, openai, ops, rerank, weaviate
 from .api import metrics as metrics_api
-from .api.common import json_response
+from .api.common import error_reply, json_response
 from .logs import configure_logging, new_request_id, request_id_var
 from .metrics import Stats
 
 __all__ = ["create_app", "State", "build_models"]
 
 log = logging.getLogger("vecshim.app")
+_access = logging.getLogger("vecshim.access")
 _SLASHES = re.compile(r"/{2,}")
 _PROBES = ("/.well-known/live", "/.well-known/ready")
 
@@ -114,6 +115,37 @@ class State:
         if name not in self.rerankers:
             self.get_model(name)
 
+    # -- per request (the Flask hooks and the lean /vectors path, vecshim/api/weaviate.py) --
+    def request_started(self, given_id: str | None) -> str:
+        """Count a request in flight; its request id (the client's X-Request-ID when sane)."""
+        with self._in_flight_lock:
+            self.in_flight += 1
+        if self.stats is not None:
+            self.stats.in_flight.inc()
+        request_id = new_request_id(given_id)
+        request_id_var.set(request_id)
+        return request_id
+
+    def request_finished(self, method: str, path: str, route: str, model: str, status: int,
+                         elapsed: float, remote: str | None, size: int | None) -> None:
+        """Metrics and the access log line of one answered request."""
+        if self.stats is not None:
+            self.stats.requests.labels(route, model, str(status)).inc()
+            self.stats.latency.labels(route, model).observe(elapsed)
+        # Probes arrive every few seconds from every kubelet and load balancer: DEBUG detail.
+        level = logging.DEBUG if route.endswith(_PROBES) else logging.INFO
+        if _access.isEnabledFor(level):
+            _access.log(level, "%s %s %d %.1f ms", method, path, status, elapsed * 1000,
+                        extra={"method": method, "path": path, "status": status, "ms": round(elapsed * 1000, 2),
+                               "model": model, "remote": remote, "bytes": size})
+
+    def request_ended(self) -> None:
+        """The request is no longer in flight (answered or failed)."""
+        with self._in_flight_lock:
+            self.in_flight -= 1
+        if self.stats is not None:
+            self.stats.in_flight.dec()
+
     def render_meta(self) -> None:
         """Pre-render /meta for the server and each model (on startup and state changes); update state gauges."""
         if self.stats is not None:
@@ -171,7 +203,8 @@ class _PathFix:
 
 def _register_errors(app: Flask) -> None:
     def vecshim_error(err: VecshimError):
-        return json_response({"error": err.message}, err.status, err.headers)
+        status, body, headers = error_reply(err)
+        return json_response(body, status, headers)
 
     def http_error(err: HTTPException):
         if openai.wants_openai_errors(request.path):  # unrouted 404/405 under /v1
@@ -184,8 +217,8 @@ def _register_errors(app: Flask) -> None:
             # A body gunicorn could not read (bad chunk, early end): the client's fault. Only
             # reachable where vecshim's worker does not pre-read requests (TLS, HTTP/2).
             return json_response({"error": f"malformed request body ({type(err).__name__})"}, 400)
-        log.exception("unhandled error")
-        return json_response({"error": f"internal error ({type(err).__name__}); see the server log"}, 500)
+        status, body, headers = error_reply(err)
+        return json_response(body, status, headers)
 
     app.register_error_handler(VecshimError, vecshim_error)
     app.register_error_handler(HTTPException, http_error)
@@ -193,43 +226,26 @@ def _register_errors(app: Flask) -> None:
 
 
 def _register_request_hooks(app: Flask, state: State) -> None:
-    access = logging.getLogger("vecshim.access")
-
     @app.before_request
     def start_request():
-        with state._in_flight_lock:
-            state.in_flight += 1
         g.vecshim_counted = True
-        if state.stats is not None:
-            state.stats.in_flight.inc()
         g.vecshim_start = time.perf_counter()
-        g.request_id = new_request_id(request.headers.get("X-Request-ID"))
-        request_id_var.set(g.request_id)
+        g.request_id = state.request_started(request.headers.get("X-Request-ID"))
 
     @app.after_request
     def finish_request(response):
         elapsed = time.perf_counter() - g.get("vecshim_start", time.perf_counter())
         response.headers["X-Request-ID"] = g.get("request_id", "")
-        route = request.url_rule.rule if request.url_rule else "<unmatched>"
-        model = g.get("vecshim_model", "-")
-        if state.stats is not None:
-            state.stats.requests.labels(route, model, str(response.status_code)).inc()
-            state.stats.latency.labels(route, model).observe(elapsed)
-        # Probes arrive every few seconds from every kubelet and load balancer: DEBUG detail.
-        level = logging.DEBUG if route.endswith(_PROBES) else logging.INFO
-        access.log(level, "%s %s %d %.1f ms", request.method, request.path, response.status_code, elapsed * 1000,
-                   extra={"method": request.method, "path": request.path, "status": response.status_code,
-                          "ms": round(elapsed * 1000, 2), "model": model, "remote": request.remote_addr,
-                          "bytes": response.calculate_content_length()})
+        state.request_finished(request.method, request.path,
+                               request.url_rule.rule if request.url_rule else "<unmatched>",
+                               g.get("vecshim_model", "-"), response.status_code, elapsed,
+                               request.remote_addr, response.calculate_content_length())
         return response
 
     @app.teardown_request
     def end_request(exc):
         if g.pop("vecshim_counted", False):
-            with state._in_flight_lock:
-                state.in_flight -= 1
-            if state.stats is not None:
-                state.stats.in_flight.dec()
+            state.request_ended()
 
 
 def create_app(config: Config | dict | str | os.PathLike | None = None, *, plugins: Iterable[object] = (),

@@ -15,6 +15,14 @@ more than the request itself on a cache hit). Anything partial, malformed or
 late goes back to the loop, so deadlines and limits stay the loop's. Threads
 linger only while at least half the pool is free.
 
+The lean path: a plain `POST /vectors HTTP/1.1` (Content-Length body, no
+Expect, well-formed headers, no `embed_tokens`) is answered by
+`vecshim.api.weaviate.lean_vectors` directly, without gunicorn's parser,
+the WSGI environ and Flask's dispatch, which cost more CPU than the request's
+own work (bench/RESULTS.md "Issue 18, fifth pass"). It runs the same code
+for the reply, the errors, metrics and the access line; anything else takes
+the Flask path.
+
 Replies the loop sends itself (then closes the connection):
 408 a read deadline passed, 413 the body is over `server.max_request_mb`
 (Content-Length or chunked; the rest is not read), 400 malformed framing,
@@ -27,6 +35,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import re
 import select
 import selectors
 import socket
@@ -34,10 +43,13 @@ import threading
 import time
 from functools import partial
 
+from gunicorn import SERVER
+from gunicorn.util import http_date
 from gunicorn.workers.gthread import ThreadWorker
+from werkzeug.http import HTTP_STATUS_CODES
 
 from .batching import caller_gone
-from .framing import Framing, FramingError, ReadLimits
+from .framing import _TOKEN, Framing, FramingError, ReadLimits
 
 __all__ = ["VecshimWorker", "read_limits"]
 
@@ -85,16 +97,38 @@ class VecshimWorker(ThreadWorker):
         self._buffered = 0  # bytes held by connections being read
         self._in_threads = 0  # threads inside handle(), under _in_lock
         self._in_lock = threading.Lock()
+        self._lean = None
         super().init_process()
 
     def load_wsgi(self):
         self._pool_size = self.cfg.threads  # read per request: gunicorn's Config lookups are not free
         super().load_wsgi()
         self._limits = read_limits(self.wsgi)
+        self._lean = self._lean_handler()
+        self._keepalive = bool(self.cfg.keepalive)
+
+    def _lean_handler(self):
+        """`lean_vectors` bound to the app's state, or None where the lean path must not run."""
+        state = getattr(self.wsgi, "extensions", {}).get("vecshim")
+        if state is None:
+            return None
+        why = ("server.auth.embed_tokens is set" if state.config.server.auth.embed_tokens
+               else "TLS or HTTP/2" if not self._plain()
+               else "a gunicorn accesslog is set" if self.cfg.accesslog
+               else "proxy_protocol is on" if self.cfg.proxy_protocol not in (None, False, "off") else None)
+        log.info("worker %d: lean POST /vectors path %s", self.pid, f"off ({why})" if why else "on")
+        if why:
+            return None
+        from .api.weaviate import lean_vectors
+        return partial(lean_vectors, state)
 
     # -- reading in the loop -------------------------------------------------
     def _plain(self) -> bool:
-        return not self.cfg.is_ssl and getattr(self.cfg, "http2_cleartext", "off") in ("off", None)
+        plain = getattr(self, "_plain_http", None)
+        if plain is None:  # gunicorn's Config lookups are not free: once per worker
+            plain = self._plain_http = (not self.cfg.is_ssl
+                                        and getattr(self.cfg, "http2_cleartext", "off") in ("off", None))
+        return plain
 
     def enqueue_req(self, conn):
         if getattr(conn, "vecshim_buffered", False) or not self._plain():
@@ -152,7 +186,7 @@ class VecshimWorker(ThreadWorker):
         conn.vecshim_continued = state.continued
         if conn.parser is None:
             conn.init()
-        conn.parser.unreader.unread(bytes(state.buf))
+        self._hand_over(conn, state.framing, state.buf)
         conn.vecshim_buffered = True
         self.enqueue_req(conn)
         return True
@@ -261,18 +295,57 @@ class VecshimWorker(ThreadWorker):
         with self._in_lock:
             self._in_threads += 1
         try:
-            keep = super().handle(conn)
+            keep = self._serve(conn)
             while keep is True and self._plain() and self._may_linger():
                 nxt = self._next_request(conn)
                 if nxt is None:
                     break  # nothing yet, or partial: the loop takes over
                 if nxt is False:
                     return False  # the client closed the connection
-                keep = super().handle(conn)
+                keep = self._serve(conn)
             return keep
         finally:
             with self._in_lock:
                 self._in_threads -= 1
+
+    def _serve(self, conn):
+        lean = getattr(conn, "vecshim_lean", None)
+        if lean is None:
+            return super().handle(conn)
+        conn.vecshim_lean = None
+        return self._answer_lean(conn, *lean)
+
+    def _answer_lean(self, conn, body: bytes, given_id: str | None, close: bool) -> bool:
+        """Answer a lean-path request (see the module doc); whether to keep the connection."""
+        conn.sock.setblocking(True)
+        conn.init()
+        self.nr += 1
+        if self.nr >= self.max_requests and self.alive:
+            log.info("Autorestarting worker after current request.")
+            self.alive = False
+        keep = (self.alive and self._keepalive and not close
+                and len(self.keepalived_conns) < self.max_keepalived)
+        conn.sock.settimeout(max(self._limits.total_timeout, 30.0))
+        client = conn.client
+        remote = client if isinstance(client, str) else client.decode() if isinstance(client, bytes) else client[0]
+        token = caller_gone.set(partial(_hung_up, conn.sock))
+        try:
+            status, headers, reply = self._lean(body, given_id, remote)
+        finally:
+            caller_gone.reset(token)
+        head = "".join([f"HTTP/1.1 {status} {HTTP_STATUS_CODES.get(status, 'UNKNOWN').upper()}\r\n"
+                        f"Server: {SERVER}\r\nDate: {_date()}\r\n"
+                        f"Connection: {'keep-alive' if keep else 'close'}\r\n",
+                        *(f"{k}: {v}\r\n" for k, v in headers), "\r\n"])
+        try:
+            conn.sock.sendall(head.encode("latin-1") + reply)
+        except TimeoutError:
+            log.info("a client did not read its reply within %g s; connection closed",
+                     conn.sock.gettimeout() or 0)
+            return False
+        except OSError:
+            return False  # the client went away
+        return keep
 
     def _may_linger(self) -> bool:
         return self.alive and self._in_threads * 2 <= self._pool_size
@@ -309,11 +382,45 @@ class VecshimWorker(ThreadWorker):
                     break
         finally:
             conn.sock.setblocking(True)
-        conn.parser.unreader.unread(bytes(buf))
         if not done or framing.expect_continue:
+            conn.parser.unreader.unread(bytes(buf))
             return None
+        self._hand_over(conn, framing, buf)
         conn.vecshim_continued = False
         return True
+
+    def _hand_over(self, conn, framing: Framing, buf) -> None:
+        """Leave a whole request for the thread: as the lean path's input, or in gunicorn's parser."""
+        lean = self._lean_request(framing, buf) if self._lean is not None else None
+        conn.vecshim_lean = lean
+        conn.parser.unreader.unread(bytes(buf[framing.end:] if lean is not None else buf))
+
+    @staticmethod
+    def _lean_request(framing: Framing, buf) -> tuple | None:
+        """(body, X-Request-ID, close) of a request the lean path may answer, else None."""
+        if framing.request_line != b"POST /vectors HTTP/1.1" or framing.chunked or framing.expect_continue:
+            return None
+        head = bytes(buf[:framing.head_end - 4])
+        lines = head.split(b"\r\n")
+        if lines[0] != framing.request_line or len(lines) > 101:
+            return None
+        given, close = None, False
+        for line in lines[1:]:
+            name, sep, value = line.partition(b":")
+            # Anything gunicorn would refuse or treat specially takes gunicorn's path.
+            if not sep or len(line) > 8190 or not _TOKEN.match(name) or _CTL.search(value):
+                return None
+            name = name.lower()
+            if name == b"x-request-id":
+                given = value.strip(b" \t").decode("latin-1")
+            elif name == b"connection":
+                tokens = {t.strip().lower() for t in value.split(b",")}
+                if b"upgrade" in tokens:
+                    return None
+                close = close or b"close" in tokens
+            elif name in (b"upgrade", b"http2-settings"):
+                return None
+        return bytes(buf[framing.head_end:framing.end]), given, close
 
     def handle_request(self, req, conn):
         if getattr(conn, "vecshim_continued", False):
@@ -329,6 +436,19 @@ class VecshimWorker(ThreadWorker):
             return False
         finally:
             caller_gone.reset(token)
+
+
+#: Control characters (tab excepted) that gunicorn refuses in a header value.
+_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_dates = {"second": -1, "text": ""}
+
+
+def _date() -> str:
+    """The Date header, formatted once a second."""
+    now = int(time.time())
+    if _dates["second"] != now:
+        _dates["text"], _dates["second"] = http_date(now), now
+    return _dates["text"]
 
 
 def _recv_some(sock) -> bytes | None:

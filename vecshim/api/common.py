@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import hmac
+import logging
 
 from flask import Response, current_app, request
 
-from ..errors import Unauthorized
+from ..errors import Unauthorized, VecshimError
 from ..wire import dumps
 from ..wire.inputs import check_limits
 
-__all__ = ["get_state", "json_response", "check_bearer", "checked_texts"]
+__all__ = ["get_state", "json_response", "check_bearer", "checked_texts", "error_reply"]
+
+_log = logging.getLogger("vecshim.app")
 
 
 def get_state():
@@ -21,6 +24,15 @@ def json_response(data, status: int = 200, headers: dict | None = None) -> Respo
     """A compact JSON reply (bytes are passed through untouched)."""
     body = data if isinstance(data, bytes) else dumps(data)
     return Response(body, status=status, mimetype="application/json", headers=headers)
+
+
+def error_reply(err: Exception) -> tuple[int, bytes, dict]:
+    """(status, JSON body, headers) for an error: a VecshimError's own, else a logged 500 that names
+    only the exception's type (its text may hold request data or secrets)."""
+    if isinstance(err, VecshimError):
+        return err.status, dumps({"error": err.message}), dict(err.headers)
+    _log.exception("unhandled error")
+    return 500, dumps({"error": f"internal error ({type(err).__name__}); see the server log"}), {}
 
 
 def check_bearer(tokens: list[str]) -> None:

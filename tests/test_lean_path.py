@@ -1,0 +1,179 @@
+"""The worker's lean `POST /vectors` path (vecshim/worker.py) against the Flask path it stands in for.
+
+A plain `POST /vectors HTTP/1.1` skips gunicorn's parser and Flask's
+dispatch; everything else (other paths, `/vectors/`, query strings, chunked
+bodies, Expect, odd headers, servers with `embed_tokens`) takes Flask. The
+properties: both paths give byte-identical bodies, the same status and the
+same headers for every input; eligibility is decided on exactly the
+requests the lean path can answer; connection handling (keep-alive, close,
+pipelining) is the same; auth can never be skipped.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from goclient import GoClient
+from test_hostile import connect, read_reply, request_bytes
+from test_production import fake_model, metric, start, stop
+from vecshim.app import create_app
+from vecshim.api.weaviate import lean_vectors
+from vecshim.framing import Framing, ReadLimits
+from vecshim.worker import VecshimWorker
+
+BODIES = [
+    b'{"text": "hello world"}',
+    '{"text": "caf\u00e9 \u6f22\u5b57 \U0001f600"}'.encode(),
+    b'{"text": ""}',
+    b'{"text": "   "}',
+    b'{"text": 42}',
+    b'{"text": null}',
+    b'{}',
+    b'[]',
+    b'',
+    b'{"te',
+    b'\xff\xfe not utf-8',
+    b'{"text": "x", "config": {"task_type": "query"}}',
+    b'{"text": "x", "config": {"task_type": "nonsense"}}',
+    b'{"text": "x", "config": {"pooling_strategy": "masked_mean"}}',
+    b'{"text": "x", "config": {"pooling_strategy": "cls"}}',
+    b'{"text": "x", "config": {"pooling_strategy": 7}}',
+    b'{"text": "x", "dimensions": 4}',
+    b'{"text": "x", "dimensions": 4000}',
+    b'{"text": "x", "dimensions": "four"}',
+    b'{"text": "x", "unknown": [1, 2, 3]}',
+    json.dumps({"text": "y" * 5000}).encode(),
+]
+
+
+@pytest.fixture(scope="module", params=["1", "2"], ids=["in-process", "engine"])
+def server(tmp_path_factory, request):
+    """One worker with the model in-process, and two workers with the engine."""
+    tmp = tmp_path_factory.mktemp("lean")
+    proc = start(tmp, {**fake_model(), "cache": {"enabled": False}, "server": {"max_text_chars": 4000}},
+                 "--workers", request.param)
+    yield proc
+    stop(proc)
+
+
+def exchange(port: int, data: bytes) -> tuple[int, dict, bytes, bool]:
+    with connect(port) as s:
+        s.sendall(data)
+        return read_reply(s)
+
+
+def comparable(headers: dict) -> dict:
+    return {k: v for k, v in headers.items() if k not in ("date", "x-request-id")}
+
+
+@pytest.mark.parametrize("body", BODIES, ids=range(len(BODIES)))
+def test_the_lean_path_answers_exactly_as_the_flask_path(server, body):
+    lean = exchange(server.port, request_bytes(body))
+    flask = exchange(server.port, request_bytes(body, path="/models/fake/vectors"))
+    slash = exchange(server.port, request_bytes(body, path="/vectors/"))
+    assert lean[0] == flask[0] == slash[0]
+    assert lean[2] == flask[2] == slash[2]
+    assert comparable(lean[1]) == comparable(flask[1]) == comparable(slash[1])
+    assert lean[1]["content-type"] == "application/json"
+    assert isinstance(json.loads(lean[2]).get("vector" if lean[0] == 200 else "error"), (list, str))
+
+
+def test_the_server_log_says_the_lean_path_is_on(server):
+    server.logfile.flush()
+    log = Path(server.logfile.name).read_text(encoding="utf-8", errors="replace")
+    assert "lean POST /vectors path on" in log
+
+
+def test_request_ids_metrics_and_access_lines_are_kept(server):
+    status, headers, _, _ = exchange(server.port, request_bytes(b'{"text": "traced"}', headers="X-Request-ID: lean-42\r\n"))
+    assert status == 200 and headers["x-request-id"] == "lean-42"
+    status, headers, _, _ = exchange(server.port, request_bytes(b'{"text": "traced"}', headers="X-Request-ID: bad id!\r\n"))
+    assert status == 200 and headers["x-request-id"] not in ("", "bad id!")
+    before = metric(GoClient("127.0.0.1", server.port).request("GET", "/metrics").body.decode(),
+                    "vecshim_requests_total", route="/vectors", status="400")
+    exchange(server.port, request_bytes(b"{"))
+    after = metric(GoClient("127.0.0.1", server.port).request("GET", "/metrics").body.decode(),
+                   "vecshim_requests_total", route="/vectors", status="400")
+    assert after == before + 1
+    server.logfile.flush()
+    log = Path(server.logfile.name).read_text(encoding="utf-8", errors="replace")
+    assert "POST /vectors 200" in log and "request_id=lean-42" in log
+
+
+def test_keep_alive_close_and_pipelining_behave_as_on_the_flask_path(server):
+    one = request_bytes(b'{"text": "a"}')
+    with connect(server.port) as s:  # keep-alive: three requests, one connection
+        for _ in range(3):
+            s.sendall(one)
+            status, headers, _, closed = read_reply(s)
+            assert status == 200 and headers["connection"] == "keep-alive" and not closed
+    with connect(server.port) as s:  # pipelined: both answered, in order
+        s.sendall(request_bytes(b'{"text": "first"}') + request_bytes(b'{"text": "second"}'))
+        texts = [json.loads(read_reply(s)[2])["text"] for _ in range(2)]
+    assert texts == ["first", "second"]
+    status, headers, _, closed = exchange(server.port, request_bytes(b'{"text": "a"}', headers="Connection: close\r\n"))
+    assert status == 200 and headers["connection"] == "close" and closed
+
+
+def test_bearer_tokens_switch_the_lean_path_off(tmp_path):
+    proc = start(tmp_path, {**fake_model(), "server": {"auth": {"embed_tokens": ["s3cret-token"]}}},
+                 "--workers", "1")
+    try:
+        status, headers, body, _ = exchange(proc.port, request_bytes(b'{"text": "x"}'))
+        assert status == 401 and "error" in json.loads(body)
+        status, _, _, _ = exchange(proc.port, request_bytes(b'{"text": "x"}',
+                                                            headers="Authorization: Bearer s3cret-token\r\n"))
+        assert status == 200
+        proc.logfile.flush()
+        log = Path(proc.logfile.name).read_text(encoding="utf-8", errors="replace")
+        assert "lean POST /vectors path off (server.auth.embed_tokens is set)" in log
+    finally:
+        stop(proc)
+
+
+def framed(data: bytes):
+    f = Framing(ReadLimits())
+    assert f.feed(data)
+    return VecshimWorker._lean_request(f, bytearray(data))
+
+
+def test_eligibility_takes_only_plain_requests():
+    body = b'{"text": "x"}'
+    assert framed(request_bytes(body)) == (body, None, False)
+    assert framed(request_bytes(body, headers="X-Request-ID: abc\r\nConnection: Close\r\n")) == (body, "abc", True)
+    pipelined = request_bytes(body) + request_bytes(b'{"text": "next"}')
+    assert framed(pipelined) == (body, None, False)  # only the first request's body
+    for other in (request_bytes(body, path="/vectors/"), request_bytes(body, path="/vectors?x=1"),
+                  request_bytes(body, path="/models/fake/vectors"),
+                  request_bytes(body, headers="Expect: 100-continue\r\n"),
+                  request_bytes(body, headers="Connection: Upgrade\r\nUpgrade: h2c\r\n"),
+                  request_bytes(body, headers="X-Odd: a\x01b\r\n"),
+                  request_bytes(body, headers="Bad Name: x\r\n"),
+                  request_bytes(body, headers=" folded: x\r\n"),
+                  request_bytes(body, headers="".join(f"X-{i}: v\r\n" for i in range(101))),
+                  b"POST /vectors HTTP/1.0\r\nContent-Length: 13\r\n\r\n" + body,
+                  b"POST /vectors HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nd\r\n" + body + b"\r\n0\r\n\r\n"):
+        assert framed(other) is None, other
+
+
+def test_lean_vectors_matches_the_flask_view_in_process(tmp_path):
+    """The function itself, without a worker: every body, same status, body and headers."""
+    from fakebackend import FakePlugin
+
+    app = create_app({**fake_model(), "cache": {"enabled": False}, "server": {"max_text_chars": 4000}},
+                     plugins=[FakePlugin()], load_entrypoints=False)
+    state = app.extensions["vecshim"]
+    assert state.wait_ready(30)
+    client = app.test_client()
+    try:
+        for body in BODIES:
+            status, headers, reply = lean_vectors(state, body, "rid-1", "127.0.0.1")
+            flask = client.post("/vectors", data=body, headers={"X-Request-ID": "rid-1"})
+            assert (status, reply) == (flask.status_code, flask.get_data()), body
+            assert dict(headers) == {k: v for k, v in flask.headers.items() if k != "Content-Type"} | \
+                {"Content-Type": "application/json"}, body
+        assert state.in_flight == 0
+    finally:
+        state.close(5)
