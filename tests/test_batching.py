@@ -7,7 +7,7 @@ import time
 import pytest
 
 from conftest import fake_config
-from vecshim.batching import Batcher, plan_groups
+from vecshim.batching import Batcher, caller_source, plan_groups
 from vecshim.errors import BackendError, ClientGone, InferenceTimeout, Overloaded, PayloadTooLarge, UpstreamError
 
 
@@ -402,3 +402,75 @@ def test_inline_still_batches_concurrent_callers():
     assert results == {i: f"v:t{i}" for i in range(24)}
     assert sum(seen) == 24 and max(seen) > 1
     b.close()
+
+
+# wait() has a path of its own for a request of one text (Weaviate's /vectors); both give the same outcomes.
+@pytest.mark.parametrize("n", [1, 3])
+def test_wait_outcomes_are_the_same_for_one_text_and_several(n):
+    b, calls, gate = recording_batcher(max_size=1, max_wait_ms=0)
+    blocker = b.submit(["blocker"], [1], None)
+    time.sleep(0.05)  # the blocker is in the backend call; what follows stays queued
+    timed_out = b.submit([f"late{i}" for i in range(n)], [1] * n, None)
+    with pytest.raises(InferenceTimeout, match="did not answer within"):
+        b.wait(timed_out, 0.05)
+    hung_up = b.submit([f"gone{i}" for i in range(n)], [1] * n, None)
+    with pytest.raises(ClientGone):
+        b.wait(hung_up, 10, gone=lambda: True)
+    assert b.depth == 0  # both requests left the queue
+    cancelled = b.submit([f"cancel{i}" for i in range(n)], [1] * n, None)
+    assert all(f.cancel() for f in cancelled)  # they stay queued, to be skipped
+    gate.set()
+    with pytest.raises(InferenceTimeout, match="cancelled"):
+        b.wait(cancelled, 10)
+    assert b.wait(blocker, 10) == ["v:blocker"]
+    assert b.wait(b.submit([f"ok{i}" for i in range(n)], [1] * n, None), 10) == [f"v:ok{i}" for i in range(n)]
+    assert b.close(5)
+    assert [t for call in calls for t in call] == ["blocker"] + [f"ok{i}" for i in range(n)]
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_wait_raises_the_backend_error_and_drops_the_rest_of_the_request(n):
+    def embed(texts, key):
+        if any("bad" in t for t in texts):
+            raise BackendError("bad text in batch")
+        return texts
+
+    b = make(embed, max_size=1, max_wait_ms=0)
+    with pytest.raises(BackendError, match="bad text"):
+        b.wait(b.submit(["bad"] + [f"t{i}" for i in range(n - 1)], [1] * n, None), 10)
+    assert b.depth == 0
+    assert b.wait(b.submit(["after"], [1], None), 10) == ["after"]
+    b.close()
+
+
+def test_a_backend_call_reports_how_many_senders_its_texts_came_from():
+    seen, gate = [], threading.Event()
+
+    def embed(texts, key):
+        gate.wait(10)
+        return [f"v:{t}" for t in texts]
+
+    b = make(embed, max_size=8, max_wait_ms=0, on_sources=seen.append)
+    gate.set()
+    assert b.wait(b.submit(["no sender"], [1], None), 10) == ["v:no sender"]  # e.g. a load-time check
+    gate.clear()
+    blocker = b.submit(["blocker"], [1], None)
+    time.sleep(0.05)  # the blocker is in the backend call: the texts below queue behind it
+    results = {}
+
+    def send(source, texts):
+        caller_source.set(source)  # this thread's own context
+        results[source] = b.wait(b.submit(texts, [1] * len(texts), None), 10)
+
+    senders = [threading.Thread(target=send, args=(pid, [f"{pid}-{i}" for i in range(2)])) for pid in (101, 102)]
+    for t in senders:
+        t.start()
+    while b.depth < 4:
+        time.sleep(0.01)
+    gate.set()
+    for t in senders:
+        t.join(10)
+    assert b.wait(blocker, 10) == ["v:blocker"]
+    assert results == {pid: [f"v:{pid}-0", f"v:{pid}-1"] for pid in (101, 102)}
+    assert b.close(5)
+    assert seen == [0, 0, 2]  # the texts of both senders shared the third call

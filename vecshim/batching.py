@@ -17,18 +17,23 @@ import contextvars
 import logging
 import threading
 import time
-from concurrent.futures import FIRST_EXCEPTION, Future, InvalidStateError
+from concurrent.futures import FIRST_EXCEPTION, CancelledError, Future, InvalidStateError
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures import wait as wait_futures
 from typing import Callable, Hashable, Sequence
 
 from .batchplan import plan_groups
 from .errors import BackendUnavailable, ClientGone, InferenceTimeout, Overloaded, PayloadTooLarge, UpstreamError
 
-__all__ = ["Batcher", "plan_groups", "caller_gone"]
+__all__ = ["Batcher", "plan_groups", "caller_gone", "caller_source"]
 
 #: Set by the server for each request: a function telling whether its client hung up.
 caller_gone: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
     "vecshim_caller_gone", default=None)
+#: Set by the engine for each worker connection: who sent the request (the HTTP worker's pid).
+#: Each request keeps it, so a backend call knows how many senders it serves (`on_sources`).
+caller_source: contextvars.ContextVar[Hashable | None] = contextvars.ContextVar(
+    "vecshim_caller_source", default=None)
 #: How often a waiting request checks whether its client is still there.
 GONE_POLL_S = 0.5
 
@@ -44,12 +49,13 @@ def _is_transient(err: BaseException) -> bool:
 
 
 class _Job:
-    """One submit() call: its texts in order, their futures, its deadline."""
+    """One submit() call: its texts in order, their futures, its deadline, its sender."""
 
-    __slots__ = ("key", "units", "next", "deadline", "enqueued", "dropped")
+    __slots__ = ("key", "units", "next", "deadline", "enqueued", "dropped", "source")
 
-    def __init__(self, key: Hashable, units: list, deadline: float | None):
+    def __init__(self, key: Hashable, units: list, deadline: float | None, source: Hashable | None = None):
         self.key = key
+        self.source = source
         self.units = units
         self.next = 0  # index of the first text not yet taken
         self.deadline = deadline
@@ -112,6 +118,7 @@ class Batcher:
                  cost: tuple[float, float, float] | None = None,
                  on_batch: Callable[[int, float, float], None] | None = None,
                  on_depth: Callable[[int], None] | None = None,
+                 on_sources: Callable[[int], None] | None = None,
                  thread_init: Callable[[], None] | None = None,
                  stuck_after_s: float | None = None, gate=None, inline: bool = False):
         self.name = name
@@ -127,6 +134,7 @@ class Batcher:
         self.cost = cost
         self.on_batch = on_batch
         self.on_depth = on_depth
+        self.on_sources = on_sources
         self.thread_init = thread_init
         self.gate = gate
         self.inline = inline and gate is None
@@ -209,7 +217,7 @@ class Batcher:
         if len(texts) > self.max_queue:
             raise PayloadTooLarge(f"request has {len(texts)} texts (windows included); model {self.name!r} "
                                   f"queues at most {self.max_queue} (batch.max_queue)")
-        job = _Job(key, [], deadline)
+        job = _Job(key, [], deadline, caller_source.get())
         job.units = [_Unit(t, n, Future(), job) for t, n in zip(texts, tokens)]
         with self._cond:
             if self._closed:
@@ -281,6 +289,8 @@ class Batcher:
         dropped from the queue.
         """
         gone = gone if gone is not None else caller_gone.get()
+        if len(futures) == 1:
+            return [self._wait_one(futures, timeout, gone)]
         deadline = time.monotonic() + timeout
         pending = list(futures)
         while pending:
@@ -302,6 +312,34 @@ class Batcher:
                 raise ClientGone("the client closed the connection; its texts were dropped")
             pending = list(rest)
         return [f.result() for f in futures]
+
+    def _wait_one(self, futures: Sequence[Future], timeout: float, gone: Callable[[], bool] | None):
+        """wait() for a request of one text (Weaviate's `/vectors`): the same outcomes, waited for on
+        the future's own condition instead of the waiter that concurrent.futures.wait installs."""
+        future = futures[0]
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                err = InferenceTimeout(f"model {self.name!r} did not answer within {timeout:g} s")
+                self.discard(futures, err)
+                raise err
+            try:
+                future.exception(min(left, GONE_POLL_S) if gone else left)  # returns once done
+            except (CancelledError, FutureTimeout):
+                pass  # read below, outside the handler
+            if future.done():
+                break
+            if gone is not None and gone():
+                self.discard(futures)
+                raise ClientGone("the client closed the connection; its texts were dropped")
+        if future.cancelled():
+            raise InferenceTimeout(f"model {self.name!r}: request cancelled")
+        error = future.exception()
+        if error is not None:
+            self.discard(futures, error)
+            raise error
+        return future.result()
 
     # -- encoder threads ---------------------------------------------------------
     def _expire_locked(self, now: float) -> list[_Job]:
@@ -494,6 +532,10 @@ class Batcher:
         units = [u for u in units if not u.job.dropped and not u.future.done()]
         if not units:
             return  # every caller of this group left or timed out meanwhile
+        if self.on_sources is not None:
+            sources = {u.job.source for u in units}
+            sources.discard(None)
+            self.on_sources(len(sources))
         me = threading.get_ident()
         try:
             self._calls[me] = time.monotonic()  # the watchdog reads it

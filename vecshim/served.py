@@ -40,6 +40,9 @@ class Served:
         self.fallbacks: list = []
         #: Called once loaded, just before `ready` turns true.
         self.on_ready = None
+        #: Set before load() to learn, per backend call, from how many senders its texts came
+        #: (`batching.caller_source`; the engine counts HTTP workers with it).
+        self.on_sources = None
         self._ready = threading.Event()
 
     @property
@@ -77,6 +80,7 @@ class Served:
         """The batcher's metrics callbacks and stuck-batch limit."""
         return {"on_batch": self.stats.batch_observer(self.name) if self.stats else None,
                 "on_depth": self.stats.depth_observer(self.name) if self.stats else None,
+                "on_sources": self.on_sources,
                 "stuck_after_s": self.cfg.timeout_s}
 
     def close(self, timeout: float = 30.0) -> None:

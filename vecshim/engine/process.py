@@ -18,9 +18,9 @@ import socket
 import threading
 import time
 import uuid
-from collections import Counter
 from pathlib import Path
 
+from ..batching import caller_source
 from ..config import load_config
 from ..errors import BackendUnavailable, UnknownModelError, VecshimError
 from ..loader import ModelSet, build_models
@@ -64,14 +64,13 @@ class Engine:
         self.boot = uuid.uuid4().hex[:12]
         self._watchers: list[socket.socket] = []
         self._lock = threading.Lock()
-        self._sources: dict[str, Counter] = {}  # text in flight -> pids of the workers that sent it
         self._stop = threading.Event()
         # Set by the SIGTERM handler. A plain flag: Event.set() in a handler can deadlock on
         # the Event's lock when the signal lands while this thread holds it (seen in a test run).
         self._stopping = False
         self._parent = os.getppid()
-        for m in models.values():
-            m._embed_batch = self._traced(m, m._embed_batch)
+        for m in models.values():  # vecshim_batch_workers: how many workers' texts shared a backend call
+            m.on_sources = self.stats.batch_workers.labels(m.name).observe
 
     # -- facts ------------------------------------------------------------
     def facts(self) -> dict:
@@ -98,32 +97,6 @@ class Engine:
             if w in self._watchers:
                 self._watchers.remove(w)
         w.close()
-
-    # -- which workers a batch served (the vecshim_batch_workers metric) ---
-    def _traced(self, model, embed_batch):
-        observe = self.stats.batch_workers.labels(model.name).observe
-
-        def traced(texts, key):
-            with self._lock:
-                pids = set()
-                for t in texts:
-                    pids.update(self._sources.get(t, ()))
-            observe(len(pids))
-            return embed_batch(texts, key)
-        return traced
-
-    def _track(self, model, task: str, texts: list[str], pid: int, add: bool) -> list[str]:
-        prefix = model.cfg.prefixes.query if task == "query" else model.cfg.prefixes.passage
-        units = [prefix + t for t in texts]
-        with self._lock:
-            for u in units:
-                c = self._sources.setdefault(u, Counter())
-                c[pid] += 1 if add else -1
-                if c[pid] <= 0:
-                    del c[pid]
-                if not c:
-                    del self._sources[u]
-        return units
 
     # -- serving ------------------------------------------------------------
     def serve(self) -> None:
@@ -165,14 +138,15 @@ class Engine:
             threading.Thread(target=self._handle, args=(conn,), name="vecshim-engine-conn", daemon=True).start()
 
     def _handle(self, conn: socket.socket) -> None:
-        pid = _peer_pid(conn)
+        # This thread serves one worker: every text it submits carries that worker's pid.
+        caller_source.set(_peer_pid(conn))
         try:
             while True:
                 body = channel.recv(conn)
                 if body[:1] == b"W":
                     self._watch(conn)
                     return
-                channel.send(conn, self._answer(body, pid))
+                channel.send(conn, self._answer(body))
         except (OSError, channel.ChannelClosed):
             pass
         finally:
@@ -187,7 +161,7 @@ class Engine:
         finally:
             self._drop_watcher(conn)
 
-    def _answer(self, body: bytes, pid: int) -> bytes:
+    def _answer(self, body: bytes) -> bytes:
         try:
             kind, name, task, pooling, texts = channel.unpack_texts(body)
             if kind == b"R":
@@ -201,11 +175,7 @@ class Engine:
                 raise UnknownModelError(name, self.models.models)
             if kind == b"C":
                 return channel.pack_counts(model.backend.count_tokens(texts))
-            self._track(model, task, texts, pid, True)
-            try:
-                return channel.pack_vectors(model.embed(texts, task, pooling=pooling))
-            finally:
-                self._track(model, task, texts, pid, False)
+            return channel.pack_vectors(model.embed(texts, task, pooling=pooling))
         except Exception as err:
             if not isinstance(err, VecshimError):
                 log.error("engine request failed: %s", type(err).__name__, exc_info=True)
