@@ -296,9 +296,7 @@ class Batcher:
         while pending:
             left = deadline - time.monotonic()
             if left <= 0:
-                err = InferenceTimeout(f"model {self.name!r} did not answer within {timeout:g} s")
-                self.discard(futures, err)
-                raise err
+                raise self._timed_out(futures, timeout)
             done, rest = wait_futures(pending, timeout=min(left, GONE_POLL_S) if gone else left,
                                       return_when=FIRST_EXCEPTION)
             failed = next((f for f in done if not f.cancelled() and f.exception() is not None), None)
@@ -313,6 +311,12 @@ class Batcher:
             pending = list(rest)
         return [f.result() for f in futures]
 
+    def _timed_out(self, futures: Sequence[Future], timeout: float) -> InferenceTimeout:
+        """Drop a request whose wait ran out; the 504 to raise."""
+        err = InferenceTimeout(f"model {self.name!r} did not answer within {timeout:g} s")
+        self.discard(futures, err)
+        return err
+
     def _wait_one(self, futures: Sequence[Future], timeout: float, gone: Callable[[], bool] | None):
         """wait() for a request of one text (Weaviate's `/vectors`): the same outcomes, waited for on
         the future's own condition instead of the waiter that concurrent.futures.wait installs."""
@@ -321,9 +325,7 @@ class Batcher:
         while True:
             left = deadline - time.monotonic()
             if left <= 0:
-                err = InferenceTimeout(f"model {self.name!r} did not answer within {timeout:g} s")
-                self.discard(futures, err)
-                raise err
+                raise self._timed_out(futures, timeout)
             try:
                 future.exception(min(left, GONE_POLL_S) if gone else left)  # returns once done
             except (CancelledError, FutureTimeout):
