@@ -51,8 +51,10 @@ def check_bearer(tokens: list[str]) -> None:
                            headers={"WWW-Authenticate": 'Bearer realm="vecshim"'})
 
 
-def checked_texts(texts: list[str], field: str) -> list[str]:
-    """`texts`, after the server's limits on text count and length (413 beyond them)."""
-    server = get_state().config.server
+def checked_texts(texts: list[str], field: str, state=None) -> list[str]:
+    """`texts`, after the server's limits on text count and length (413 beyond them).
+
+    `state`: the app's State where there is no Flask request (the lean /vectors path)."""
+    server = (state or get_state()).config.server
     check_limits(texts, field, server.max_texts_per_request, server.max_text_chars)
     return texts

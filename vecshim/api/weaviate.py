@@ -5,9 +5,8 @@ import time
 
 from flask import Blueprint, Response, request
 
-from ..wire.inputs import check_limits
 from ..wire.weaviate import parse_vectors_request, render_vectors_reply
-from .common import check_bearer, error_reply, get_state, json_response
+from .common import check_bearer, checked_texts, error_reply, get_state, json_response
 
 bp = Blueprint("weaviate", __name__)
 
@@ -52,8 +51,7 @@ def vectors_reply(state, body: bytes, name: str | None = None) -> bytes:
     """The 200 body for one /vectors request body (errors raise VecshimError)."""
     model = state.get_model(name)
     req = parse_vectors_request(body)
-    server = state.config.server
-    check_limits([req.text], "text", server.max_texts_per_request, server.max_text_chars)
+    checked_texts([req.text], "text", state)
     vector = model.embed([req.text], req.task, req.dimensions, req.pooling_strategy)[0]
     return render_vectors_reply(req.text, vector)
 
