@@ -98,6 +98,8 @@ class VecshimWorker(ThreadWorker):
         self._in_threads = 0  # threads inside handle(), under _in_lock
         self._in_lock = threading.Lock()
         self._lean = None
+        # Fixed for the worker's life; gunicorn's Config lookups are not free per request.
+        self._plain_http = not self.cfg.is_ssl and getattr(self.cfg, "http2_cleartext", "off") in ("off", None)
         super().init_process()
 
     def load_wsgi(self):
@@ -124,11 +126,7 @@ class VecshimWorker(ThreadWorker):
 
     # -- reading in the loop -------------------------------------------------
     def _plain(self) -> bool:
-        plain = getattr(self, "_plain_http", None)
-        if plain is None:  # gunicorn's Config lookups are not free: once per worker
-            plain = self._plain_http = (not self.cfg.is_ssl
-                                        and getattr(self.cfg, "http2_cleartext", "off") in ("off", None))
-        return plain
+        return self._plain_http
 
     def enqueue_req(self, conn):
         if getattr(conn, "vecshim_buffered", False) or not self._plain():
