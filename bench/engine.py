@@ -1,16 +1,26 @@
 """Issue 18 benchmark: one engine per replica vs models in each worker, against raw ONNX in the same run.
 
-In one run, on one machine, with the bundled all-MiniLM-L6-v2 on ONNX Runtime:
+In one run, on one machine, with the bundled all-MiniLM-L6-v2 on ONNX Runtime,
+``--rounds`` times in turn (the cache-off servers of every layout stay up and
+idle while the others run), because on a shared VM the encoder's own speed
+drifts by 10-25% between minutes and a served rate compares fairly only with
+the raw rate measured next to it:
 
 1. raw, through the backend's own ``embed`` (what the batcher calls), no HTTP:
    length-sorted chunks of 8, 16 and 32 texts with the served layout
    (``cpus`` encoder threads of one intra-op thread each), the best of which is
-   the target's reference; and batch-1 latency with one encoder of ``cpus``
-   intra-op threads ("all cores"), p50 over single texts;
-2. per server layout (``--workers W --engine on|off``), real ``vecshim serve``:
-   32 clients, unique texts, cache off; 1 client p50, cache off; 32 clients on
-   a repeating pool with the default config (memory cache on, so hits); and the
-   RSS and PSS of the whole process tree (master, workers, engine).
+   the round's reference; the same texts in arrival order, 32 at a time, cut by
+   the served planner (the best a 32-client server can feed the encoder); and
+   batch-1 latency with one encoder of ``cpus`` intra-op threads ("all cores"),
+   p50 over single texts;
+2. per server layout (``--workers W --engine on|off``), real ``vecshim serve``,
+   cache off: 32 clients on unique texts, with the CPU each role spent per
+   text, then 1 client.
+
+Each layout's targets are judged on the median of its rounds' ratios (min and
+max are reported). Then, once per layout, the default config (memory cache on)
+serves 32 clients on a repeating pool (hits), and the RSS and PSS of the whole
+process tree (master, workers, engine) are read.
 
 Clients (``--client``): ``wrk`` (default when installed, bench/wrkload.py) costs
 the 2-core machine almost no CPU, so the server gets what a remote Weaviate
@@ -28,6 +38,7 @@ import argparse
 import concurrent.futures
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -58,19 +69,19 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def raw(texts: list[str], cpus: int, lone_texts: list[str]) -> dict:
+def raw_backends(cpus: int):
+    """The served layout (`cpus` encoder threads of one intra-op thread) and one all-cores encoder."""
+    return _backend(cpus, 1), _backend(1, cpus)
+
+
+def raw(backend, lone, texts: list[str], cpus: int, lone_texts: list[str]) -> dict:
     """Throughput of the served layout at several chunk sizes, and all-cores batch-1 latency."""
     out: dict = {}
-    backend = _backend(cpus, 1)
     order = sorted(texts, key=lambda t: backend.count_tokens([t])[0])
     for size in (8, 16, 32):
         chunks = [order[i:i + size] for i in range(0, len(order), size)]
         backend.embed(chunks[0], "passage")
-
-        def run() -> None:
-            embed_chunks(backend, chunks, cpus)
-
-        best = min(_timed(run) for _ in range(2))
+        best = _timed(lambda: embed_chunks(backend, chunks, cpus))
         out[f"batch_{size}"] = {"texts_per_s": round(len(texts) / best, 1), "seconds": round(best, 3)}
     out["best_texts_per_s"] = max(v["texts_per_s"] for k, v in out.items() if k.startswith("batch_"))
     # What 32 clients allow at best: the texts in arrival order, 32 at a time (all a server
@@ -81,11 +92,9 @@ def raw(texts: list[str], cpus: int, lone_texts: list[str]) -> dict:
     windows = [texts[i:i + 32] for i in range(0, len(texts), 32)]
     planned = [[w[j] for j in g] for w in windows
                for g in plan_groups(backend.count_tokens(w), max_size=cap, max_tokens=None, cost=backend.batch_cost)]
-    best = min(_timed(lambda: embed_chunks(backend, planned, cpus)) for _ in range(2))
+    best = _timed(lambda: embed_chunks(backend, planned, cpus))
     out["windows_32_planned"] = {"texts_per_s": round(len(texts) / best, 1),
                                  "texts_per_call": round(len(texts) / len(planned), 2)}
-    del backend
-    lone = _backend(1, cpus)
     for t in texts[:20]:
         lone.embed([t], "passage")
     lat = []
@@ -117,10 +126,8 @@ def load(url: str, clients: int, procs: int, duration: float, corpus: str, seed:
             "client_cpu_s": round(sum(r["client_cpu_s"] for r in reports), 2)}
 
 
-def served(layout: str, folder: Path, duration: float, procs: int, seed: int, client: str,
-           options: dict | None = None) -> dict:
-    workers, engine = layout.split(":")
-    out: dict = {"workers": int(workers), "engine": engine}
+def _write_configs(folder: Path, options: dict | None) -> tuple[str, str]:
+    """The `--config` arguments of the cache-off phase and of the default phase."""
     off = folder / "cache-off.json"
     model = {"backend": "sentence-transformers", **({"options": options} if options else {})}
     off.write_text(json.dumps({"models": {"minilm": model}, "cache": {"enabled": False}}))
@@ -128,31 +135,49 @@ def served(layout: str, folder: Path, duration: float, procs: int, seed: int, cl
     if options:  # the default config plus these backend options
         (folder / "default.json").write_text(json.dumps({"models": {"minilm": model}}))
         default = f"--config {folder / 'default.json'}"
-    for phase, config in (("cache_off", f"--config {off}"), ("default", default)):
-        port = free_port()
-        cmd = (f"{REPO}/.venv/bin/vecshim serve --bind 127.0.0.1:{port} --workers {workers} "
-               f"--engine {engine} {config}")
-        proc = start_server(cmd, folder / f"{workers}-{engine}-{phase}.log")
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_ready(url, proc, 180)
-            time.sleep(1.0)
-            out[f"{phase}_loadavg_before"] = loadavg()
-            if phase == "cache_off":
-                before = tree_cpu(proc.pid)
-                out["c32_miss"] = load(url, 32, procs, duration, "unique", SEED_32, client)
-                miss = out["c32_miss"]
-                texts = miss.get("requests") or round(miss["texts_per_s"] * duration)
-                miss["cpu_ms_per_text"] = cpu_per_text(before, tree_cpu(proc.pid), texts)
-                out["c1_miss"] = load(url, 1, 1, duration, "unique", SEED_1, client)
-                out["memory_after_misses"] = tree_memory(proc.pid)
-            else:
-                load(url, 32, procs, 3, "repeat", seed + 200, client)  # fill the cache (every worker's)
-                out["c32_hit"] = load(url, 32, procs, duration, "repeat", seed + 200, client)
-                out["memory_default"] = tree_memory(proc.pid)
-            out[f"{phase}_loadavg_after"] = loadavg()
-        finally:
-            stop_server(proc)
+    return f"--config {off}", default
+
+
+def start_layout(layout: str, folder: Path, phase: str, config: str):
+    """A real `vecshim serve` in this layout; (process, url) once it is ready."""
+    workers, engine = layout.split(":")
+    port = free_port()
+    cmd = (f"{REPO}/.venv/bin/vecshim serve --bind 127.0.0.1:{port} --workers {workers} "
+           f"--engine {engine} {config}")
+    proc = start_server(cmd, folder / f"{workers}-{engine}-{phase}.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, proc, 180)
+    except BaseException:
+        stop_server(proc)
+        raise
+    return proc, url
+
+
+def misses(proc, url: str, duration: float, procs: int, client: str) -> dict:
+    """32 clients on unique texts (with CPU per text by role), then one client, cache off."""
+    out = {"loadavg_before": loadavg()}
+    before = tree_cpu(proc.pid)
+    out["c32_miss"] = load(url, 32, procs, duration, "unique", SEED_32, client)
+    miss = out["c32_miss"]
+    texts = miss.get("requests") or round(miss["texts_per_s"] * duration)
+    miss["cpu_ms_per_text"] = cpu_per_text(before, tree_cpu(proc.pid), texts)
+    out["c1_miss"] = load(url, 1, 1, duration, "unique", SEED_1, client)
+    return out
+
+
+def hits(layout: str, folder: Path, config: str, duration: float, procs: int, seed: int, client: str) -> dict:
+    """32 clients on a repeating pool with the default config (memory cache on), and the tree's memory."""
+    workers, engine = layout.split(":")
+    out: dict = {"workers": int(workers), "engine": engine}
+    proc, url = start_layout(layout, folder, "default", config)
+    try:
+        time.sleep(1.0)
+        load(url, 32, procs, 3, "repeat", seed + 200, client)  # fill the cache (every worker's)
+        out["c32_hit"] = load(url, 32, procs, duration, "repeat", seed + 200, client)
+        out["memory_default"] = tree_memory(proc.pid)
+    finally:
+        stop_server(proc)
     return out
 
 
@@ -179,42 +204,55 @@ def cpu_per_text(before: dict, after: dict, texts: int) -> dict:
     return {role: round(1000 * s / max(texts, 1), 3) for role, s in sorted(spent.items())}
 
 
+def summary(report: dict) -> dict:
+    """Per layout: each round's 32-client rate over that round's raw best, and the lone p50 over that
+    round's raw batch-1 p50 (the medians decide the targets; min and max show the spread)."""
+    out: dict = {}
+    for layout in report["layouts"]:
+        ratios, deltas = [], []
+        for rnd in report["rounds"]:
+            raw, r = rnd["raw"], rnd["layouts"][layout]
+            ratios.append(r["c32_miss"]["texts_per_s"] / raw["best_texts_per_s"])
+            deltas.append(r["c1_miss"]["p50_ms"] - raw["batch1_all_cores_p50_ms"])
+        out[layout] = {"ratio_median": round(statistics.median(ratios), 3), "ratio_min": round(min(ratios), 3),
+                       "ratio_max": round(max(ratios), 3),
+                       "lone_delta_ms_median": round(statistics.median(deltas), 2),
+                       "lone_delta_ms_min": round(min(deltas), 2), "lone_delta_ms_max": round(max(deltas), 2)}
+    return out
+
+
 def markdown(report: dict) -> str:
     """The RESULTS.md tables for a report."""
-    raw = report.get("raw", {})
-    best = raw.get("best_texts_per_s")
-    lat1 = raw.get("batch1_all_cores_p50_ms")
-    lines = [f"raw, backend `embed()`, length-sorted, {report['cpus']} encoder threads x 1 intra-op thread: "
-             + ", ".join(f"{k.replace('_', ' ')} {v['texts_per_s']} texts/s" for k, v in raw.items()
-                         if k.startswith("batch_"))
-             + f"; all-cores batch-1 latency p50 {lat1} ms (the lone client's texts)",
-             f"client: {report.get('client', 'loadgen')}; backend options: {report.get('options') or 'defaults'}", "",
-             "| layout | 32 clients, cache off | vs raw best | CPU ms/text (workers / engine / master) | "
-             "1 client p50 (cache off) | vs raw batch-1 | 32 clients, cache hits | "
-             "resident, each page once / RSS sum / PSS sum (default config, after hits) | processes |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, r in report["layouts"].items():
-        miss, one, hit, mem = r["c32_miss"], r["c1_miss"], r["c32_hit"], r["memory_default"]
-        ratio = f"{miss['texts_per_s'] / best:.2f}x" if best else "-"
-        delta = f"{one['p50_ms'] - lat1:+.2f} ms" if lat1 else "-"
-        cpu = miss.get("cpu_ms_per_text", {})
-        split = " / ".join(str(cpu.get(k, "-")) for k in ("workers", "engine", "master"))
-        lines.append(f"| `--workers {r['workers']} --engine {r['engine']}` | {miss['texts_per_s']} "
-                     f"({miss['errors']} errors) | {ratio} | {split} | {one['p50_ms']} ms | {delta} | "
-                     f"{hit['texts_per_s']} ({hit['errors']} errors) | {mem.get('unique_mib', '-')} / "
-                     f"{mem['rss_mib']} / {mem['pss_mib']} MiB | {mem['processes']} |")
-    win = raw.get("windows_32_planned")
-    if win and best:
-        lines += ["", f"ceiling at 32 clients: the encoder alone, fed the texts 32 at a time in arrival order "
-                      f"and cut by the served planner ({win['texts_per_call']} texts per call): "
-                      f"{win['texts_per_s']} texts/s = {win['texts_per_s'] / best:.2f}x raw best"]
-        for name, r in report["layouts"].items():
-            workers = r["c32_miss"].get("cpu_ms_per_text", {}).get("workers")
-            if workers and r["engine"] == "on":
-                cap = report["cpus"] * 1000 / (report["cpus"] * 1000 / win["texts_per_s"] + workers)
-                lines.append(f"- `{name}`: that encoder plus the HTTP workers' measured {workers} ms of CPU per "
-                             f"text, with an engine costing nothing: at most {cap:.0f} texts/s = "
-                             f"{cap / best:.2f}x raw best")
+    lines = [f"client: {report.get('client', 'loadgen')}; backend options: {report.get('options') or 'defaults'}; "
+             f"{len(report['rounds'])} rounds, each: the raw encoder, then every layout (cache off)", "",
+             "| round | raw best (batch 8 / 16 / 32), texts/s | encoder alone on 32-text windows | raw batch-1 p50 | "
+             "layout | 32 clients, cache off | vs raw best | CPU ms/text (workers / engine / master) | "
+             "1 client p50 | vs raw batch-1 |",
+             "|---:|---|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for i, rnd in enumerate(report["rounds"], 1):
+        raw = rnd["raw"]
+        best, lat1 = raw["best_texts_per_s"], raw["batch1_all_cores_p50_ms"]
+        sizes = " / ".join(str(raw[f"batch_{n}"]["texts_per_s"]) for n in (8, 16, 32))
+        win = raw["windows_32_planned"]
+        for layout, r in rnd["layouts"].items():
+            miss, one = r["c32_miss"], r["c1_miss"]
+            cpu = miss.get("cpu_ms_per_text", {})
+            split = " / ".join(str(cpu.get(k, "-")) for k in ("workers", "engine", "master"))
+            lines.append(f"| {i} | {best} ({sizes}) | {win['texts_per_s']} ({win['texts_per_s'] / best:.2f}x, "
+                         f"{win['texts_per_call']} texts/call) | {lat1} ms | `{layout}` | {miss['texts_per_s']} "
+                         f"({miss['errors']} errors) | {miss['texts_per_s'] / best:.2f}x | {split} | "
+                         f"{one['p50_ms']} ms | {one['p50_ms'] - lat1:+.2f} ms |")
+    lines += ["", "| layout | 32 clients vs raw best, median (min-max) | lone p50 vs raw batch-1, median (min-max) | "
+              "32 clients, cache hits (default config) | resident, each page once / RSS sum / PSS sum | processes |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for layout, s in report["summary"].items():
+        r = report["layouts"][layout]
+        hit, mem = r["c32_hit"], r["memory_default"]
+        lines.append(f"| `--workers {r['workers']} --engine {r['engine']}` | {s['ratio_median']:.2f}x "
+                     f"({s['ratio_min']:.2f}-{s['ratio_max']:.2f}) | {s['lone_delta_ms_median']:+.2f} ms "
+                     f"({s['lone_delta_ms_min']:+.2f} to {s['lone_delta_ms_max']:+.2f}) | {hit['texts_per_s']} "
+                     f"({hit['errors']} errors) | {mem.get('unique_mib', '-')} / {mem['rss_mib']} / {mem['pss_mib']} MiB "
+                     f"| {mem['processes']} |")
     layouts = report["layouts"]
     if "1:off" in layouts and "4:on" in layouts:
         one, four = layouts["1:off"]["memory_default"], layouts["4:on"]["memory_default"]
@@ -228,11 +266,11 @@ def markdown(report: dict) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--duration", type=float, default=10.0)
+    p.add_argument("--rounds", type=int, default=3, help="raw encoder then every layout, this many times")
     p.add_argument("--layouts", default=",".join(LAYOUTS), help="WORKERS:ENGINE,... (engine on|off)")
     p.add_argument("--client", choices=("wrk", "loadgen"), default="wrk" if wrk_available() else "loadgen")
     p.add_argument("--client-procs", type=int, default=4, help="loadgen processes for 32 clients")
     p.add_argument("--n", type=int, default=1000, help="raw corpus size")
-    p.add_argument("--skip-raw", action="store_true")
     p.add_argument("--options", default=None, help="JSON backend options for every served config, e.g. "
                                                     "'{\"solo_spin\": true}'")
     p.add_argument("--json-out", default=None)
@@ -243,18 +281,39 @@ def main() -> None:
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cpus = len(os.sched_getaffinity(0))
+    options = json.loads(args.options) if args.options else None
+    layouts = args.layouts.split(",")
     report: dict = {"machine": machine_info(), "loadavg_start": loadavg(), "cpus": cpus, "client": args.client,
-                    "options": args.options, "layouts": {}}
-    if not args.skip_raw:
-        report["raw"] = raw(get_corpus(args.n, seed=SEED_32), cpus, get_corpus(1000, seed=SEED_1))
-        print(json.dumps({"raw": report["raw"]}), file=sys.stderr, flush=True)
+                    "options": args.options, "rounds": [], "layouts": {}}
+    texts, lone_texts = get_corpus(args.n, seed=SEED_32), get_corpus(1000, seed=SEED_1)
+    backend, lone = raw_backends(cpus)
     with tempfile.TemporaryDirectory(prefix="vecshim-bench-engine-") as tmp:
-        for i, layout in enumerate(args.layouts.split(",")):
-            report["layouts"][layout] = served(layout, Path(tmp), args.duration, args.client_procs, 1000 * (i + 1),
-                                               args.client, json.loads(args.options) if args.options else None)
-            print(json.dumps({layout: report["layouts"][layout]}), file=sys.stderr, flush=True)
+        folder = Path(tmp)
+        off, default = _write_configs(folder, options)
+        servers: dict = {}
+        try:
+            for layout in layouts:  # every cache-off server up at once; each idles while the others run
+                servers[layout] = start_layout(layout, folder, "cache_off", off)
+            time.sleep(1.0)
+            for _ in range(args.rounds):
+                rnd = {"raw": raw(backend, lone, texts, cpus, lone_texts), "layouts": {}}
+                for layout in layouts:
+                    rnd["layouts"][layout] = misses(*servers[layout], args.duration, args.client_procs, args.client)
+                report["rounds"].append(rnd)
+                print(json.dumps(rnd), file=sys.stderr, flush=True)
+            for layout, (proc, _) in servers.items():
+                report["layouts"][layout] = {"memory_after_misses": tree_memory(proc.pid)}
+        finally:
+            for proc, _ in servers.values():
+                stop_server(proc)
+        del backend, lone
+        for i, layout in enumerate(layouts):
+            report["layouts"][layout].update(hits(layout, folder, default, args.duration, args.client_procs,
+                                                  1000 * (i + 1), args.client))
+    report["summary"] = summary(report)
     report["loadavg_end"] = loadavg()
     emit_report(report, args.json_out)
+    print(markdown(report), file=sys.stderr)
 
 
 if __name__ == "__main__":
