@@ -502,3 +502,49 @@ def test_the_fair_queue_counts_what_is_left_as_texts_are_taken_dropped_and_expir
     assert (q.texts, q.tokens, list(q.jobs)) == (0, 0, [])
     q.drop(a)  # dropping twice counts once
     assert (q.texts, q.tokens) == (0, 0)
+
+
+def test_the_calls_planned_from_one_batch_are_shared_by_every_encoder_thread():
+    # Four short and four long texts in one request: the cost model cuts the batch into two
+    # calls. Each call waits until the other has started, which only happens when two
+    # encoder threads run calls of the same batch (one thread running both would wait forever).
+    tokens = [5] * 4 + [250] * 4
+    cost = (0.002, 2.4e-5, 6e-8)
+    assert len(plan_groups(tokens, max_size=32, max_tokens=None, cost=cost)) == 2
+    both = threading.Barrier(2, timeout=30)
+    threads, batches = set(), []
+
+    def embed(texts, key):
+        threads.add(threading.get_ident())
+        both.wait()
+        return [f"v:{t}" for t in texts]
+
+    b = make(embed, workers=2, max_size=32, cost=cost,
+             on_batch=lambda size, wait, seconds: batches.append(size))
+    texts = [f"t{i}" for i in range(8)]
+    assert b.wait(b.submit(texts, tokens, None), 60) == [f"v:{t}" for t in texts]
+    assert len(threads) == 2
+    b.close(5)
+    assert batches == [8]  # the batch's metrics count it once, when its last call ended
+
+
+def test_a_shared_batch_call_that_fails_fails_only_its_texts_and_the_batch_still_ends():
+    tokens = [5] * 4 + [250] * 4
+    cost = (0.002, 2.4e-5, 6e-8)
+    batches = []
+
+    def embed(texts, key):
+        if any(t.startswith("bad") for t in texts):
+            raise BackendError("broken text")
+        return [f"v:{t}" for t in texts]
+
+    b = make(embed, workers=2, max_size=32, cost=cost,
+             on_batch=lambda size, wait, seconds: batches.append(size))
+    good = b.submit([f"t{i}" for i in range(4)], tokens[:4], None)
+    bad = b.submit(["bad"], [250], None)
+    assert b.wait(good, 30) == [f"v:t{i}" for i in range(4)]
+    with pytest.raises(BackendError):
+        b.wait(bad, 30)
+    assert b.busy == 0
+    assert b.close(5)
+    assert sum(batches) == 5

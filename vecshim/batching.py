@@ -17,6 +17,7 @@ backend calls in `batchplan`.
 """
 from __future__ import annotations
 
+import collections
 import contextvars
 import logging
 import threading
@@ -45,6 +46,20 @@ def _is_transient(err: BaseException) -> bool:
     # Splitting a batch helps only when one bad text broke it, not when the
     # upstream itself is failing.
     return isinstance(err, BackendUnavailable) or (isinstance(err, UpstreamError) and err.retryable)
+
+
+class _Shared:
+    """A taken batch whose planned calls any encoder thread may run: what its metrics need."""
+
+    __slots__ = ("size", "wait", "start", "calls_left")
+
+    def __init__(self, size: int, wait: float, start: float, calls: int):
+        self.size, self.wait, self.start, self.calls_left = size, wait, start, calls
+
+    def call_ended_locked(self) -> bool:
+        """Count one of its calls done; True when it was the last."""
+        self.calls_left -= 1
+        return self.calls_left == 0
 
 
 class Batcher:
@@ -102,6 +117,9 @@ class Batcher:
         self._coalescer = Coalescer(gate, self._cond, self._queue, self.call_max_size) if gate is not None else None
         self._busy = 0
         self._last_size = 0
+        #: Calls planned from a taken batch and not yet started, for any encoder thread (local
+        #: backends): (units, the batch's _Shared).
+        self._planned: collections.deque[tuple[list[Unit], _Shared]] = collections.deque()
         self._encoders = Encoders(name, self._run, workers, self._cond, lambda: self._queue.closed, stuck_after_s)
 
     @property
@@ -197,19 +215,25 @@ class Batcher:
                         name=self.name, discard=self.discard)
 
     # -- encoder threads ---------------------------------------------------------
-    def _take(self) -> list[Unit] | None:
+    def _take(self) -> tuple[list[Unit], "_Shared | None"] | None:
+        """The next work of an encoder thread: a planned call of a batch another thread took, or a new
+        batch (its first call, the rest planned for any thread); None once closed and drained."""
         queue, coalescer = self._queue, self._coalescer
         if coalescer is not None:
             coalescer.await_slot()
         with self._cond:
+            if self._planned:
+                return self._planned.popleft()
             if coalescer is not None:
                 coalescer.release_locked()
                 if not queue.jobs and not queue.closed:
-                    return []  # dropped meanwhile; start over
+                    return [], None  # dropped meanwhile; start over
             while not queue.jobs:
                 if queue.closed:
                     return None
                 self._cond.wait()
+                if self._planned:
+                    return self._planned.popleft()
             # Wait for company only under concurrent load: several texts queued, others
             # in flight, or a last batch of several. Otherwise the first text to arrive
             # after a batch returns goes alone, and calls carry 1 and n-1 texts in turn.
@@ -221,14 +245,28 @@ class Batcher:
                     if left <= 0:
                         break
                     self._cond.wait(left)
-                    if not queue.jobs:  # another worker took them
-                        return []
-            expired = queue.expire(time.monotonic())
+                    if not queue.jobs or self._planned:  # another worker took them, or planned calls
+                        return [], None
+            now = time.monotonic()
+            expired = queue.expire(now)
             batch = queue.take(self.max_size) if queue.jobs else []
             if coalescer is not None and batch:
                 coalescer.took_locked(self._busy + len(batch) + queue.texts)
             self._busy += len(batch)
             self._last_size = len(batch)
+            shared = None
+            if batch and coalescer is None:
+                # One batch, planned once, its calls shared by every encoder thread: the next batch
+                # is taken when they have all started, so it holds what arrived meanwhile (about
+                # every client's next text) and is cut into fewer, fuller calls than two batches
+                # taken by two threads would be.
+                groups = self._plan(batch)
+                shared = _Shared(len(batch), now - min(u.job.enqueued for u in batch), now, len(groups))
+                for g in groups[1:]:
+                    self._planned.append((g, shared))
+                batch = groups[0]
+                if len(groups) > 1:
+                    self._cond.notify(len(groups) - 1)
             if queue.jobs:
                 self._cond.notify()
             depth = queue.texts
@@ -238,20 +276,29 @@ class Batcher:
                 settle(u.future, error=err)
         if self.on_depth:
             self.on_depth(depth)
-        return batch
+        return batch, shared
+
+    def _plan(self, batch: list[Unit]) -> list[list[Unit]]:
+        """The batch cut into backend calls (`batchplan.plan_groups`)."""
+        groups = plan_groups([u.tokens for u in batch], max_size=self.call_max_size,
+                             max_tokens=self.max_batch_tokens, cost=self.cost)
+        return [[batch[i] for i in g] for g in groups]
 
     def _run(self) -> None:
         if self.thread_init:
             self.thread_init()
         while True:
-            batch = self._take()
-            if batch is None or self._process(batch):
+            work = self._take()
+            if work is None or self._process(*work):
                 return
 
-    def _process(self, batch: list[Unit]) -> bool:
-        """Embed a taken batch and settle its futures; True if this thread was replaced while it hung.
+    def _process(self, units: list[Unit], shared: "_Shared | None" = None) -> bool:
+        """Embed taken texts and settle their futures; True if this thread was replaced while it hung.
 
-        Encoder threads run it, and with `inline` also a caller whose texts
+        With `shared`, `units` are one planned call of a batch whose calls
+        any encoder thread runs. Without, they are a whole batch, cut into
+        calls and run here: by an encoder thread of a hosted backend (its
+        gate admitted this batch), or with `inline` by a caller whose texts
         found the model idle (no texts queued or in flight, `inline` set for
         backends whose calls are bounded local compute): the text skips two
         thread hand-offs (~0.3 ms of a lone request, bench/RESULTS.md "Issue 18,
@@ -259,28 +306,30 @@ class Batcher:
         """
         start = time.monotonic()
         try:
-            if batch:
-                wait = start - min(u.job.enqueued for u in batch)
-                groups = plan_groups([u.tokens for u in batch], max_size=self.call_max_size,
-                                     max_tokens=self.max_batch_tokens, cost=self.cost)
-                for g in groups:
-                    self._embed([batch[i] for i in g])
+            if shared is not None:
+                self._embed(units)
+            elif units:
+                wait = start - min(u.job.enqueued for u in units)
+                for call in self._plan(units):
+                    self._embed(call)
                 if self.on_batch:
-                    self.on_batch(len(batch), wait, time.monotonic() - start)
+                    self.on_batch(len(units), wait, time.monotonic() - start)
         except BaseException as err:  # never let a worker die with callers waiting
             log.exception("batch worker for model %r failed", self.name)
-            for u in batch:
+            for u in units:
                 if not u.future.done():
                     settle(u.future, error=err)
         finally:
             with self._cond:
-                self._busy -= len(batch)
-                if self._coalescer is not None and batch:
+                self._busy -= len(units)
+                if self._coalescer is not None and units:
                     self._coalescer.done_locked(time.monotonic() - start)
+                shared_done = shared is not None and shared.call_ended_locked()
                 self._cond.notify_all()
-                if self._encoders.retired_locked():  # a replacement took over while this call hung
-                    return True
-        return False
+                retired = self._encoders.retired_locked()  # a replacement took over while this call hung
+            if shared_done and self.on_batch:
+                self.on_batch(shared.size, shared.wait, time.monotonic() - shared.start)
+        return retired
 
     def _embed(self, units: list[Unit]) -> None:
         units = [u for u in units if not u.job.dropped and not u.future.done()]
