@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import Future
 
 import pytest
 
 from conftest import fake_config
 from vecshim.batching import Batcher, caller_source, plan_groups
+from vecshim.batchqueue import FairQueue, Job, Unit
 from vecshim.errors import BackendError, ClientGone, InferenceTimeout, Overloaded, PayloadTooLarge, UpstreamError
 
 
@@ -206,9 +208,9 @@ def test_watchdog_replaces_a_worker_stuck_in_a_hung_call():
     assert 0.1 < time.monotonic() - start < 1.5
     release.set()
     deadline = time.monotonic() + 3
-    while sum(t.is_alive() for t in b._threads) > 1 and time.monotonic() < deadline:
+    while sum(t.is_alive() for t in b._encoders.threads) > 1 and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert sum(t.is_alive() for t in b._threads) == 1  # the stuck thread retired when it returned
+    assert sum(t.is_alive() for t in b._encoders.threads) == 1  # the stuck thread retired when it returned
     assert b.close(3)
 
 
@@ -474,3 +476,29 @@ def test_a_backend_call_reports_how_many_senders_its_texts_came_from():
     assert results == {pid: [f"v:{pid}-0", f"v:{pid}-1"] for pid in (101, 102)}
     assert b.close(5)
     assert seen == [0, 0, 2]  # the texts of both senders shared the third call
+
+
+def test_the_fair_queue_counts_what_is_left_as_texts_are_taken_dropped_and_expired():
+    q = FairQueue()
+
+    def job(key, n, deadline=None):
+        j = Job(key, [], deadline)
+        j.units = [Unit(f"{key}{i}", 10, Future(), j) for i in range(n)]
+        q.add(j, 10 * n)
+        return j
+
+    a, b, c = job("k", 3), job("other", 2), job("k", 2)
+    b.units[0].future.cancel()
+    assert (q.texts, q.tokens) == (7, 70)
+    first = q.take(4)  # key "k" only, one text of each request in turn
+    assert [u.text for u in first] == ["k0", "k0", "k1", "k1"]
+    assert [j.key for j in q.jobs] == ["other", "k"]  # the other key goes next
+    assert [u.text for u in q.take(4)] == ["other1"]  # the cancelled text is skipped
+    assert (q.texts, q.tokens) == (1, 10) and list(q.jobs) == [a]
+    late = job("k", 2, deadline=time.monotonic() - 1)
+    assert q.expire(time.monotonic()) == [late] and late.dropped and not c.dropped
+    assert (q.texts, q.tokens) == (1, 10) and list(q.jobs) == [a]
+    q.drop(a)
+    assert (q.texts, q.tokens, list(q.jobs)) == (0, 0, [])
+    q.drop(a)  # dropping twice counts once
+    assert (q.texts, q.tokens) == (0, 0)

@@ -281,7 +281,7 @@ def test_fuzz_raw_requests_against_every_route(serve):
     assert {200, 400, 404, 405, 413} <= set(seen), sorted(set(seen))
     hf_check_alive(s.port)
     assert s.thread.is_alive() and s.state.not_ready_reason() is None
-    assert all(m.batcher and all(t.is_alive() for t in m.batcher._threads) for m in s.state.models.values())
+    assert all(m.batcher and all(t.is_alive() for t in m.batcher._encoders.threads) for m in s.state.models.values())
 
 
 def _children(pid: int) -> set[int]:

@@ -103,6 +103,32 @@ def test_request_ids_metrics_and_access_lines_are_kept(server):
     assert "POST /vectors 200" in log and "request_id=lean-42" in log
 
 
+ODD_HEADS = {
+    "control-character": "X-Odd: a\x01b\r\n",
+    "101-header-lines": "".join(f"X-{i}: v\r\n" for i in range(99)),  # with Host and Content-Length
+    "100-header-lines": "".join(f"X-{i}: v\r\n" for i in range(98)),
+    "bad-name": "Bad Name: x\r\n",
+    "folded": "X-A: a\r\n folded: x\r\n",
+    "over-long": "X-Long: " + "v" * 8200 + "\r\n",
+    "stray-crlf-first": None,
+}
+
+
+@pytest.mark.parametrize("odd", ODD_HEADS, ids=list(ODD_HEADS))
+def test_requests_with_odd_header_lines_are_answered_as_on_the_flask_path(server, odd):
+    """Framing notes what the lean path may not take; gunicorn and Flask then answer as for `/vectors/`."""
+    body = b'{"text": "odd"}'
+
+    def data(path):
+        if ODD_HEADS[odd] is None:
+            return b"\r\n" + request_bytes(body, path=path)
+        return request_bytes(body, path=path, headers=ODD_HEADS[odd])
+
+    lean, slash = exchange(server.port, data("/vectors")), exchange(server.port, data("/vectors/"))
+    assert (lean[0], lean[2]) == (slash[0], slash[2])
+    assert comparable(lean[1]) == comparable(slash[1])
+
+
 def replies(s: socket.socket, n: int) -> list[bytes]:
     """The bodies of the next `n` 200 replies, read through one buffer (they may share a segment)."""
     s.settimeout(30)

@@ -3,20 +3,26 @@
 Used by vecshim's gunicorn worker (vecshim/worker.py) to read requests whole
 before a thread sees them: it only finds the end of the request and refuses
 what must be refused (FramingError: 400, 413, 431); gunicorn's parser still
-parses the request.
+parses the request. While it splits the headers it also notes the few facts
+the worker's lean `POST /vectors` path decides on (`Framing.plain_headers`
+and the attributes next to it), so that path does not split them again.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-__all__ = ["ReadLimits", "Framing", "FramingError", "HEADER_LIMIT", "CHUNK_LINE_LIMIT"]
+__all__ = ["ReadLimits", "Framing", "FramingError", "HEADER_LIMIT", "CHUNK_LINE_LIMIT", "FIELD_LIMIT"]
 
 #: Largest request line plus headers we buffer (431 beyond).
 HEADER_LIMIT = 64 * 1024
 #: Longest chunk-size line (with extensions) of a chunked body.
 CHUNK_LINE_LIMIT = 4096
+#: Longest header line gunicorn accepts by default (its `limit_request_field_size`).
+FIELD_LIMIT = 8190
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+#: Control characters (tab excepted) that gunicorn refuses in a header value.
+_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _HEX = re.compile(rb"^[0-9A-Fa-f]+$")
 
 
@@ -48,7 +54,8 @@ class Framing:
 
     `feed(buf)` returns True once `buf` holds a complete request (headers
     and body), raising FramingError for what must be refused. It only finds
-    where the request ends; gunicorn's parser still parses it.
+    where the request ends, and notes a few header facts (see `_headers`);
+    gunicorn's parser still parses it.
     """
 
     def __init__(self, limits: ReadLimits):
@@ -58,6 +65,12 @@ class Framing:
         self.chunked = False
         self.expect_continue = False
         self.request_line = b""
+        # Noted while splitting the headers, for the worker's lean path (worker._lean_request):
+        self.header_count = 0       # header lines after the request line
+        self.plain_headers = True   # no stray CRLF first; every line `name: value`, see _headers
+        self.upgrade = False        # an Upgrade or HTTP2-Settings header, or Connection: upgrade
+        self.connection_close = False   # a Connection header lists close
+        self.request_id: str | None = None  # the last X-Request-ID, without surrounding blanks
         self._pos = 0             # chunked: where the next unparsed chunk line starts
         self._body = 0            # chunked: body bytes declared so far
         self._trailers = False    # chunked: past the last chunk, reading trailers
@@ -89,16 +102,29 @@ class Framing:
         return self.head_end >= 0 and (self.chunked or bool(self.length))
 
     def _headers(self, head: bytes) -> None:
+        """Read what framing needs from the head, and note the lean path's facts.
+
+        `plain_headers` stays True when no stray CRLF came before the request
+        line and every header line is `name:value` with a token name, a value
+        without control characters (tab allowed), and at most FIELD_LIMIT
+        bytes: nothing gunicorn would refuse or treat specially.
+        """
         lines = head.split(b"\r\n")
-        while lines and not lines[0]:  # stray CRLF before a request line is tolerated
-            lines.pop(0)
+        if lines and not lines[0]:
+            self.plain_headers = False
+            while lines and not lines[0]:  # stray CRLF before a request line is tolerated
+                lines.pop(0)
         self.request_line = lines[0] if lines else b""
+        self.header_count = max(0, len(lines) - 1)
         version = self.request_line.rsplit(b" ", 1)[-1]
         lengths, codings = [], []
         for line in lines[1:]:
             name, sep, value = line.partition(b":")
             if not sep or not _TOKEN.match(name):
+                self.plain_headers = False
                 continue  # the parser rejects it with a 400 of its own
+            if len(line) > FIELD_LIMIT or _CTL.search(value):
+                self.plain_headers = False
             name, value = name.lower(), value.strip(b" \t")
             if name == b"content-length":
                 lengths.append(value)
@@ -106,6 +132,14 @@ class Framing:
                 codings.extend(c.strip().lower() for c in value.split(b","))
             elif name == b"expect" and value.lower() == b"100-continue" and version != b"HTTP/1.0":
                 self.expect_continue = True
+            elif name == b"x-request-id":
+                self.request_id = value.decode("latin-1")
+            elif name == b"connection":
+                tokens = {t.strip().lower() for t in value.split(b",")}
+                self.upgrade = self.upgrade or b"upgrade" in tokens
+                self.connection_close = self.connection_close or b"close" in tokens
+            elif name in (b"upgrade", b"http2-settings"):
+                self.upgrade = True
         if codings:
             if lengths:
                 raise FramingError(400, "a request may not carry both Content-Length and Transfer-Encoding")

@@ -35,7 +35,6 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import re
 import select
 import selectors
 import socket
@@ -49,7 +48,7 @@ from gunicorn.workers.gthread import ThreadWorker
 from werkzeug.http import HTTP_STATUS_CODES
 
 from .batching import caller_gone
-from .framing import _TOKEN, Framing, FramingError, ReadLimits
+from .framing import Framing, FramingError, ReadLimits
 
 __all__ = ["VecshimWorker", "read_limits"]
 
@@ -395,30 +394,19 @@ class VecshimWorker(ThreadWorker):
 
     @staticmethod
     def _lean_request(framing: Framing, buf) -> tuple | None:
-        """(body, X-Request-ID, close) of a request the lean path may answer, else None."""
-        if framing.request_line != b"POST /vectors HTTP/1.1" or framing.chunked or framing.expect_continue:
+        """(body, X-Request-ID, close) of a request the lean path may answer, else None.
+
+        It reads what framing noted while splitting the headers. Anything
+        gunicorn would refuse or treat specially takes gunicorn's path:
+        malformed, over-long or control-character header lines, more than
+        100 of them (gunicorn's default `limit_request_fields`), upgrades,
+        Expect: 100-continue, chunked bodies.
+        """
+        f = framing
+        if (f.request_line != b"POST /vectors HTTP/1.1" or f.chunked or f.expect_continue
+                or not f.plain_headers or f.header_count > 100 or f.upgrade):
             return None
-        head = bytes(buf[:framing.head_end - 4])
-        lines = head.split(b"\r\n")
-        if lines[0] != framing.request_line or len(lines) > 101:
-            return None
-        given, close = None, False
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            # Anything gunicorn would refuse or treat specially takes gunicorn's path.
-            if not sep or len(line) > 8190 or not _TOKEN.match(name) or _CTL.search(value):
-                return None
-            name = name.lower()
-            if name == b"x-request-id":
-                given = value.strip(b" \t").decode("latin-1")
-            elif name == b"connection":
-                tokens = {t.strip().lower() for t in value.split(b",")}
-                if b"upgrade" in tokens:
-                    return None
-                close = close or b"close" in tokens
-            elif name in (b"upgrade", b"http2-settings"):
-                return None
-        return bytes(buf[framing.head_end:framing.end]), given, close
+        return bytes(buf[f.head_end:f.end]), f.request_id, f.connection_close
 
     def handle_request(self, req, conn):
         if getattr(conn, "vecshim_continued", False):
@@ -436,8 +424,6 @@ class VecshimWorker(ThreadWorker):
             caller_gone.reset(token)
 
 
-#: Control characters (tab excepted) that gunicorn refuses in a header value.
-_CTL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 _dates = {"second": -1, "text": ""}
 
 
