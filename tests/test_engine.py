@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -16,7 +18,10 @@ import yaml
 
 from conftest import VENV_BIN, free_port, wait_http
 from goclient import GoClient
-from test_production import fake_model, metric, start, start_in_flight, stop
+from fakebackend import FakeBackend
+from test_production import PLUGIN, fake_model, metric, start, start_in_flight, stop
+from vecshim.engine import channel
+from vecshim.engine.process import Engine
 from vecshim.server import DEFAULT_WORKERS
 
 pytestmark = pytest.mark.slow
@@ -193,13 +198,94 @@ def test_engine_killed_answers_json_503_then_recovers(tmp_path):
 
         m = wait_for(back, 60, 0.2)
         assert m is not None, "the engine was not restarted"
-        assert children(proc.pid).count(m["engine"]["pid"]) == 1
+        new = m["engine"]["pid"]
+        assert children(proc.pid).count(new) == 1
+        # That was one worker; each reconnects on its own (under load the other one was seen 70 ms
+        # later, answering 503 meanwhile, or still booting) and logs it once it serves again.
+        workers = set(children(proc.pid)) - {new}
+        assert len(workers) == 2
+
+        def all_back():
+            log = (tmp_path / "server.log").read_text()
+            return all(re.search(rf"\[{w}\] vecshim\.engine: (using the engine|engine restarted) \(pid {new}\)", log)
+                       for w in workers)
+
+        assert wait_for(all_back, 60, 0.1), "a worker did not take the restarted engine's facts"
         for i in range(6):
             c = GoClient("127.0.0.1", proc.port)
             assert c.vectors(f"after {i}").status == 200
             c.close()
     finally:
         stop(proc)
+
+
+def test_a_watcher_that_joins_while_a_model_loads_ends_on_the_loaded_facts(tmp_path):
+    """A worker that starts watching while a model loads is left with the facts of the loaded model.
+
+    The engine answers a new watcher with the facts of that moment and publishes new facts to
+    every watcher when a model's state changes. Once (engine restarted under load, test above)
+    the model became ready between a watcher's first facts being built ("loading") and sent: the
+    publish of "ready" reached that worker first, the stale "loading" last, and the worker kept
+    refusing requests for a model that was ready. Here that order is forced, not left to load:
+    the first facts are held until the model has loaded and the loader is done (bounded, since an
+    engine that keeps the order makes the loader's publish wait for this send).
+    """
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "fakeplugin.py").write_text(
+        PLUGIN + "from vecshim import hookimpl\n\n@hookimpl\ndef register_backends(register):\n"
+        "    fake.register_backends(register)\n")
+    cfg = tmp_path / "vecshim.yaml"
+    cfg.write_text(yaml.safe_dump({"plugins": {"dirs": ["plugins"], "entrypoints": False},
+                                   **fake_model(load_gate=True), "cache": {"enabled": False}}))
+    held = threading.Event()
+    publishes = []
+
+    class HeldEngine(Engine):
+        def facts(self):
+            facts = super().facts()
+            if threading.current_thread().name == "vecshim-engine-conn" and not held.is_set():
+                held.set()  # a watcher's first facts, built: now the model finishes loading
+                FakeBackend.gate.set()
+                self.models._loader.join(3.0)
+            return facts
+
+        def publish(self):
+            counted = held.is_set()  # sent to the watcher (before, the loader waits at the gate)
+            super().publish()
+            if counted:
+                publishes.append(self.facts()["models"]["fake"]["state"])
+
+    FakeBackend.gate.clear()
+    engine = HeldEngine(str(cfg), str(tmp_path / "engine.sock"))
+    server = threading.Thread(target=engine.serve, daemon=True)
+    server.start()
+
+    def connect():
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(tmp_path / "engine.sock"))
+            return s
+        except OSError:  # not listening yet
+            s.close()
+            return None
+
+    try:
+        watcher = wait_for(connect, 30)
+        assert watcher is not None, "the engine did not listen"
+        with watcher:
+            watcher.settimeout(30)
+            channel.send(watcher, b"W")
+            assert held.wait(30)
+            engine.models._loader.join(30)
+            assert not engine.models._loader.is_alive() and publishes and publishes[-1] == "ready"
+            # One frame for the first facts and one per publish; the last one sent must say "ready".
+            frames = [json.loads(channel.recv(watcher)[1:]) for _ in range(1 + len(publishes))]
+            assert [f["models"]["fake"]["state"] for f in frames][-1] == "ready", \
+                [f["models"]["fake"]["state"] for f in frames]
+    finally:
+        FakeBackend.gate.clear()
+        engine.stop()
+        server.join(30)
 
 
 def test_sigterm_drains_the_engine_after_the_workers(tmp_path):

@@ -64,6 +64,13 @@ class Engine:
         self.boot = uuid.uuid4().hex[:12]
         self._watchers: list[socket.socket] = []
         self._lock = threading.Lock()
+        # Held while facts are built and sent (a new watcher's first facts, every publish), so each
+        # watcher gets them in the order they were built. Without it a watcher that connected while
+        # a model loaded could be sent "ready" by the loader's publish and only then its own
+        # earlier "loading" facts, and its worker kept waiting for a model that was ready (503s
+        # after an engine restart under load). Reentrant: building facts must not deadlock a
+        # publish it might cause.
+        self._facts_lock = threading.RLock()
         self._stop = threading.Event()
         # Set by the SIGTERM handler. A plain flag: Event.set() in a handler can deadlock on
         # the Event's lock when the signal lands while this thread holds it (seen in a test run).
@@ -83,14 +90,15 @@ class Engine:
 
     def publish(self) -> None:
         """Push the current facts to every watching worker."""
-        body = channel.pack_json(b"F", self.facts())
-        with self._lock:
-            watchers = list(self._watchers)
-        for w in watchers:
-            try:
-                channel.send(w, body)
-            except OSError:
-                self._drop_watcher(w)
+        with self._facts_lock:
+            body = channel.pack_json(b"F", self.facts())
+            with self._lock:
+                watchers = list(self._watchers)
+            for w in watchers:
+                try:
+                    channel.send(w, body)
+                except OSError:
+                    self._drop_watcher(w)
 
     def _drop_watcher(self, w: socket.socket) -> None:
         with self._lock:
@@ -153,9 +161,10 @@ class Engine:
             conn.close()
 
     def _watch(self, conn: socket.socket) -> None:
-        with self._lock:
-            self._watchers.append(conn)
-        channel.send(conn, channel.pack_json(b"F", self.facts()))
+        with self._facts_lock:  # no publish between building these facts and sending them
+            with self._lock:
+                self._watchers.append(conn)
+            channel.send(conn, channel.pack_json(b"F", self.facts()))
         try:
             channel.recv(conn)  # a watcher never sends again; this returns when it goes away
         finally:

@@ -80,12 +80,14 @@ class EngineLink:
                     channel.send(s, b"W")
                     while True:
                         facts = json.loads(channel.recv(s)[1:])
-                        if facts["boot"] != self._boot:
-                            if self._boot is not None:
-                                log.warning("engine restarted (pid %s)", facts["pid"])
-                            self._boot = facts["boot"]
+                        previous, self._boot = self._boot, facts["boot"]
                         self.facts, self.up = facts, True
                         self.on_facts(facts)
+                        # Logged once this worker serves with that engine (tests wait for it).
+                        if previous is None:
+                            log.info("using the engine (pid %s)", facts["pid"])
+                        elif previous != facts["boot"]:
+                            log.warning("engine restarted (pid %s); this worker serves again", facts["pid"])
                         self._first.set()
             except (OSError, channel.ChannelClosed, ValueError, KeyError):
                 pass
