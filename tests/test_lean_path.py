@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 from pathlib import Path
 
 import pytest
 
 from goclient import GoClient
 from test_hostile import connect, read_reply, request_bytes
+from conftest import free_port
 from test_production import fake_model, metric, start, stop
 from vecshim.app import create_app
 from vecshim.api.weaviate import lean_vectors
@@ -221,3 +223,73 @@ def test_lean_vectors_matches_the_flask_view_in_process(tmp_path):
         assert state.in_flight == 0
     finally:
         state.close(5)
+
+
+def ready(proc, dial) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, "the server exited"
+        try:
+            with dial() as s:
+                s.sendall(b"GET /.well-known/ready HTTP/1.1\r\nHost: x\r\n\r\n")
+                if read_reply(s)[0] == 204:
+                    return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "the server did not get ready"
+        time.sleep(0.2)
+
+
+def unix_client(path: str, bind=None):
+    def dial():
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            if bind is not None:
+                s.bind(bind())
+            s.connect(path)
+        except OSError:
+            s.close()
+            raise
+        return s
+    return dial
+
+
+def own_name(s: socket.socket) -> str:
+    """A client socket's name for itself, as text: a TCP client's host; a Unix socket's name, '' if unbound."""
+    name = s.getsockname()
+    return name[0] if isinstance(name, tuple) else name.decode() if isinstance(name, bytes) else name
+
+
+@pytest.mark.parametrize("listen", ["ipv4", "ipv6", "unix"])
+def test_the_access_line_names_the_client_as_the_flask_path_does(tmp_path, listen):
+    """The JSON access line's `remote` is the client's own name on both paths."""
+    sock_path, port, n = str(tmp_path / "v.sock"), free_port(), iter(range(100))
+    bind, dials = {
+        "ipv4": (f"127.0.0.1:{port}", [lambda: connect(port)]),
+        "ipv6": (f"[::1]:{port}", [lambda: socket.create_connection(("::1", port), timeout=30)]),
+        "unix": (f"unix:{sock_path}", [unix_client(sock_path),  # unbound: ''
+                                       unix_client(sock_path, lambda: str(tmp_path / f"client-{next(n)}")),
+                                       unix_client(sock_path, lambda: f"\0vecshim-{time.time_ns()}".encode())]),
+    }[listen]
+    proc = start(tmp_path, {**fake_model(), "cache": {"enabled": False}, "logging": {"format": "json"}},
+                 "--workers", "1", "--bind", bind, ready=False)
+    try:
+        ready(proc, dials[0])
+        names = {}  # request id -> the name of the client socket that sent it
+        for i, dial in enumerate(dials):
+            for path, which in (("/vectors", "lean"), ("/vectors/", "flask")):
+                with dial() as s:
+                    names[f"c{i}-{which}"] = own_name(s)
+                    s.sendall(request_bytes(b'{"text": "who"}', path=path, headers=f"X-Request-ID: c{i}-{which}\r\n"))
+                    assert read_reply(s)[0] == 200
+        time.sleep(0.5)
+        proc.logfile.flush()
+        lines = Path(proc.logfile.name).read_text(encoding="utf-8", errors="replace").splitlines()
+        assert any("lean POST /vectors path on" in x for x in lines)
+        access = [json.loads(x) for x in lines if x.startswith("{") and '"vecshim.access"' in x]
+        assert {a["request_id"]: a["remote"] for a in access if a.get("request_id") in names} == names
+        kinds = {"ipv4": {"127.0.0.1"}, "ipv6": {"::1"}, "unix": {"", "path", "abstract"}}[listen]
+        assert {"path" if v.startswith(str(tmp_path)) else "abstract" if v.startswith("\0") else v
+                for v in names.values()} == kinds
+    finally:
+        stop(proc)

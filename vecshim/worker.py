@@ -35,6 +35,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import select
 import selectors
 import socket
@@ -323,11 +324,9 @@ class VecshimWorker(ThreadWorker):
         keep = (self.alive and self._keepalive and not close
                 and len(self.keepalived_conns) < self.max_keepalived)
         conn.sock.settimeout(max(self._limits.total_timeout, 30.0))
-        client = conn.client
-        remote = client if isinstance(client, str) else client.decode() if isinstance(client, bytes) else client[0]
         token = caller_gone.set(partial(_hung_up, conn.sock))
         try:
-            status, headers, reply = self._lean(body, given_id, remote)
+            status, headers, reply = self._lean(body, given_id, _peer_name(conn.client))
         finally:
             caller_gone.reset(token)
         head = "".join([f"HTTP/1.1 {status} {HTTP_STATUS_CODES.get(status, 'UNKNOWN').upper()}\r\n"
@@ -433,6 +432,16 @@ def _date() -> str:
     if _dates["second"] != now:
         _dates["text"], _dates["second"] = http_date(now), now
     return _dates["text"]
+
+
+def _peer_name(address) -> str:
+    """The client as the access line names it, the same as the Flask path's REMOTE_ADDR.
+
+    `address` is what accept() returned: (host, port, ...) for TCP, of which
+    the host; for a Unix socket the client's socket name, as text ('' when
+    it bound none, which is usual; bytes for an abstract name).
+    """
+    return address[0] if isinstance(address, tuple) else os.fsdecode(address)
 
 
 def _recv_some(sock) -> bytes | None:
