@@ -211,6 +211,8 @@ def test_engine_killed_answers_json_503_then_recovers(tmp_path):
                        for w in workers)
 
         assert wait_for(all_back, 60, 0.1), "a worker did not take the restarted engine's facts"
+        # The master says how the engine ended, although gunicorn reaps it (and drops its status).
+        assert f"engine {engine} was killed by SIGKILL (out of memory?)" in (tmp_path / "server.log").read_text()
         for i in range(6):
             c = GoClient("127.0.0.1", proc.port)
             assert c.vectors(f"after {i}").status == 200
@@ -434,3 +436,22 @@ def test_the_master_imports_the_worker_code_once_and_loads_no_runtime():
     assert facts["frozen"] > 1000
     assert facts["threads"] == 1
     assert facts["mods"] == ["vecshim.app", "vecshim.worker", "vecshim.engine.proxy"]
+
+
+def test_the_supervisor_records_how_an_engine_ended(tmp_path):
+    from vecshim.engine.supervisor import _Engine
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("models: [not, a, mapping]\n")
+    eng = _Engine(str(bad), str(tmp_path / "e.sock"))  # refuses the config and exits
+    assert wait_for(lambda: not eng.alive(), 60, 0.05)
+    assert re.fullmatch(r"exited with code [1-9]\d*", eng.ended())
+    assert eng.proc.returncode == int(eng.ended().rsplit(" ", 1)[1])  # Popen reaped it, with its status
+    eng.proc.wait(5)
+    live = _Engine(None, str(tmp_path / "f.sock"))
+    try:
+        os.kill(live.pid, signal.SIGKILL)
+        assert wait_for(lambda: not live.alive(), 30, 0.05)
+        assert live.ended() == "was killed by SIGKILL (out of memory?)"
+    finally:
+        live.proc.wait(5)

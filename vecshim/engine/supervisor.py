@@ -67,13 +67,47 @@ class _Engine:
             cmd += ["--config", config_path]
         self.proc = subprocess.Popen(cmd, env=dict(os.environ))
         self.started = time.monotonic()
+        #: How it ended, once it has and `collect()` saw it.
+        self.end: str | None = None
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
     def alive(self) -> bool:
+        self.collect()
         return self.proc.poll() is None
+
+    def collect(self) -> None:
+        """If the engine has died: record how (`end`), then reap it.
+
+        gunicorn's master reaps every child with `waitpid(-1)` and drops the
+        status of those that are not its workers, after which `Popen` can only
+        report exit code 0. So this runs first, from the master's reaping
+        (`EngineSupervisor.claim_exits`) and from `alive()`: it reads the status
+        without reaping (`WNOWAIT`), and `Popen` reaps with that status.
+        """
+        if self.end is not None or self.proc.returncode is not None:
+            return
+        try:
+            info = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:  # reaped already, by a waitpid(-1) that ran first
+            return
+        if info is None:
+            return
+        if info.si_code == os.CLD_EXITED:
+            self.end = f"exited with code {info.si_status}"
+        else:
+            try:
+                name = signal.Signals(info.si_status).name
+            except ValueError:
+                name = f"signal {info.si_status}"
+            self.end = f"was killed by {name}" + (" (out of memory?)" if info.si_status == signal.SIGKILL else "")
+        self.proc.poll()
+
+    def ended(self) -> str:
+        """How the dead engine ended, as a log line's predicate."""
+        return self.end or "ended (its status was reaped before vecshim could read it)"
 
     def terminate(self, timeout: float) -> None:
         """SIGTERM (the engine drains its queues), SIGKILL after `timeout`."""
@@ -124,7 +158,20 @@ class EngineSupervisor:
         _serving = (os.getpid(), self)
         self.current = _Engine(self.config_path, self._path())
         log.info("engine started (pid %d)", self.current.pid)
+        reap = getattr(server, "reap_workers", None)
+        if callable(reap):  # gunicorn's arbiter: claim dead engines before its waitpid(-1) does
+            def reap_workers():
+                self.claim_exits()
+                reap()
+
+            server.reap_workers = reap_workers
         threading.Thread(target=self._watch, name="vecshim-engine-supervisor", daemon=True).start()
+
+    def claim_exits(self) -> None:
+        """Record and reap every dead engine (current and retired), so its exit status is known."""
+        for eng in [self.current, *(e for e, _ in list(self._retired))]:
+            if eng is not None:
+                eng.collect()
 
     def _watch(self) -> None:
         delay = 0.5
@@ -132,12 +179,11 @@ class EngineSupervisor:
             with self._lock:
                 eng = self.current
                 if not eng.alive() and not self._stopping.is_set():
-                    code = eng.proc.returncode
                     _metrics_dead(eng.pid)
                     quick = time.monotonic() - eng.started < 10
                     delay = min(delay * 2, 30.0) if quick else 0.5
-                    log.error("engine %d exited (code %s); restarting it in %.1f s; workers answer 503 "
-                              "meanwhile", eng.pid, code, delay if quick else 0)
+                    log.error("engine %d %s; restarting it in %.1f s; workers answer 503 meanwhile",
+                              eng.pid, eng.ended(), delay if quick else 0)
                     if quick:
                         self._stopping.wait(delay)
                         if self._stopping.is_set():
