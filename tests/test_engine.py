@@ -455,3 +455,65 @@ def test_the_supervisor_records_how_an_engine_ended(tmp_path):
         assert live.ended() == "was killed by SIGKILL (out of memory?)"
     finally:
         live.proc.wait(5)
+
+
+def test_a_watcher_that_stops_reading_is_dropped_without_holding_up_the_others(tmp_path, monkeypatch):
+    from vecshim.engine import process
+
+    monkeypatch.setattr(process, "WATCH_SEND_TIMEOUT_S", 0.3)
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "fakeplugin.py").write_text(
+        PLUGIN + "from vecshim import hookimpl\n\n@hookimpl\ndef register_backends(register):\n"
+        "    fake.register_backends(register)\n")
+    cfg = tmp_path / "vecshim.yaml"
+    cfg.write_text(yaml.safe_dump({"plugins": {"dirs": ["plugins"], "entrypoints": False},
+                                   **fake_model(), "cache": {"enabled": False}}))
+    engine = Engine(str(cfg), str(tmp_path / "engine.sock"))
+    server = threading.Thread(target=engine.serve, daemon=True)
+    server.start()
+
+    def watch():
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(tmp_path / "engine.sock"))
+        except OSError:  # not listening yet
+            s.close()
+            return None
+        channel.send(s, b"W")
+        s.settimeout(30)
+        channel.recv(s)  # its first facts
+        return s
+
+    stuck = wait_for(watch, 30)
+    good = watch()
+    got = []
+
+    def read_good():
+        try:
+            while True:
+                got.append(channel.recv(good))
+        except (OSError, channel.ChannelClosed):
+            pass
+
+    reader = threading.Thread(target=read_good, daemon=True)
+    reader.start()
+    # Far more facts than the stuck watcher's socket buffers hold: without a bound on each send,
+    # publishing blocks for good on the watcher that never reads, and nobody gets facts again.
+    size = len(channel.pack_json(b"F", engine.facts()))
+    rounds = 4 * (1 << 20) // size
+    publisher = threading.Thread(target=lambda: [engine.publish() for _ in range(rounds)], daemon=True)
+    try:
+        publisher.start()
+        publisher.join(60)
+        assert not publisher.is_alive(), "publishing was held up by a watcher that stopped reading"
+        assert len(engine._watchers) == 1
+        assert wait_for(lambda: len(got) >= rounds, 30), (len(got), rounds)  # the good watcher got them all
+        stuck.settimeout(5)
+        with pytest.raises((OSError, channel.ChannelClosed)):
+            while True:  # the dropped watcher finds the end of its stream after what was buffered
+                channel.recv(stuck)
+    finally:
+        stuck.close()
+        good.close()
+        engine.stop()
+        server.join(30)

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import socket
+import struct
 import threading
 import time
 import uuid
@@ -33,12 +34,13 @@ from . import channel
 __all__ = ["Engine", "main"]
 
 log = logging.getLogger("vecshim.engine")
+#: How long sending facts to a watching worker may block before that worker is dropped.
+WATCH_SEND_TIMEOUT_S = 5.0
 
 
 def _peer_pid(conn: socket.socket) -> int:
     """The connecting worker's pid (Linux SO_PEERCRED), 0 if unknown."""
     try:
-        import struct
         raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         return struct.unpack("3i", raw)[0]
     except (AttributeError, OSError):
@@ -104,6 +106,10 @@ class Engine:
         with self._lock:
             if w in self._watchers:
                 self._watchers.remove(w)
+        try:
+            w.shutdown(socket.SHUT_RDWR)  # wakes its thread's recv, and the worker sees the end
+        except OSError:
+            pass
         w.close()
 
     # -- serving ------------------------------------------------------------
@@ -161,11 +167,16 @@ class Engine:
             conn.close()
 
     def _watch(self, conn: socket.socket) -> None:
-        with self._facts_lock:  # no publish between building these facts and sending them
-            with self._lock:
-                self._watchers.append(conn)
-            channel.send(conn, channel.pack_json(b"F", self.facts()))
+        # Facts go to every watcher under one lock (so each gets them in order): a worker that
+        # stops reading (stopped, hung) must not hold up the others once its buffer is full.
+        # Its sends fail after WATCH_SEND_TIMEOUT_S and it is dropped; its own link reconnects.
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(WATCH_SEND_TIMEOUT_S),
+                                                                           int(WATCH_SEND_TIMEOUT_S % 1 * 1e6)))
         try:
+            with self._facts_lock:  # no publish between building these facts and sending them
+                with self._lock:
+                    self._watchers.append(conn)
+                channel.send(conn, channel.pack_json(b"F", self.facts()))
             channel.recv(conn)  # a watcher never sends again; this returns when it goes away
         finally:
             self._drop_watcher(conn)
