@@ -78,6 +78,29 @@ def wait_for(pred, timeout: float, step: float = 0.05):
         time.sleep(step)
     return pred()
 
+def _in_process_config(tmp_path: Path, **model) -> Path:
+    """A config of the fake model (its plugin in tmp_path/plugins), for an Engine run in this process."""
+    (tmp_path / "plugins").mkdir()
+    (tmp_path / "plugins" / "fakeplugin.py").write_text(
+        PLUGIN + "from vecshim import hookimpl\n\n@hookimpl\ndef register_backends(register):\n"
+        "    fake.register_backends(register)\n")
+    cfg = tmp_path / "vecshim.yaml"
+    cfg.write_text(yaml.safe_dump({"plugins": {"dirs": ["plugins"], "entrypoints": False},
+                                   **fake_model(**model), "cache": {"enabled": False}}))
+    return cfg
+
+
+def _connect(path: Path) -> socket.socket | None:
+    """A connection to the engine's socket, None while it does not listen yet."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.connect(str(path))
+        return s
+    except OSError:
+        s.close()
+        return None
+
+
 
 def hup_under_load(proc, cfg_path: Path, edit, request, swapped, *, clients: int, timeout: float):
     """Reload a server by SIGHUP while `clients` threads each call `request(i, n)` (n = 0, 1, ...) in a loop.
@@ -232,13 +255,7 @@ def test_a_watcher_that_joins_while_a_model_loads_ends_on_the_loaded_facts(tmp_p
     the first facts are held until the model has loaded and the loader is done (bounded, since an
     engine that keeps the order makes the loader's publish wait for this send).
     """
-    (tmp_path / "plugins").mkdir()
-    (tmp_path / "plugins" / "fakeplugin.py").write_text(
-        PLUGIN + "from vecshim import hookimpl\n\n@hookimpl\ndef register_backends(register):\n"
-        "    fake.register_backends(register)\n")
-    cfg = tmp_path / "vecshim.yaml"
-    cfg.write_text(yaml.safe_dump({"plugins": {"dirs": ["plugins"], "entrypoints": False},
-                                   **fake_model(load_gate=True), "cache": {"enabled": False}}))
+    cfg = _in_process_config(tmp_path, load_gate=True)
     held = threading.Event()
     publishes = []
 
@@ -262,17 +279,8 @@ def test_a_watcher_that_joins_while_a_model_loads_ends_on_the_loaded_facts(tmp_p
     server = threading.Thread(target=engine.serve, daemon=True)
     server.start()
 
-    def connect():
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(str(tmp_path / "engine.sock"))
-            return s
-        except OSError:  # not listening yet
-            s.close()
-            return None
-
     try:
-        watcher = wait_for(connect, 30)
+        watcher = wait_for(lambda: _connect(tmp_path / "engine.sock"), 30)
         assert watcher is not None, "the engine did not listen"
         with watcher:
             watcher.settimeout(30)
@@ -461,23 +469,14 @@ def test_a_watcher_that_stops_reading_is_dropped_without_holding_up_the_others(t
     from vecshim.engine import process
 
     monkeypatch.setattr(process, "WATCH_SEND_TIMEOUT_S", 0.3)
-    (tmp_path / "plugins").mkdir()
-    (tmp_path / "plugins" / "fakeplugin.py").write_text(
-        PLUGIN + "from vecshim import hookimpl\n\n@hookimpl\ndef register_backends(register):\n"
-        "    fake.register_backends(register)\n")
-    cfg = tmp_path / "vecshim.yaml"
-    cfg.write_text(yaml.safe_dump({"plugins": {"dirs": ["plugins"], "entrypoints": False},
-                                   **fake_model(), "cache": {"enabled": False}}))
+    cfg = _in_process_config(tmp_path)
     engine = Engine(str(cfg), str(tmp_path / "engine.sock"))
     server = threading.Thread(target=engine.serve, daemon=True)
     server.start()
 
     def watch():
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(str(tmp_path / "engine.sock"))
-        except OSError:  # not listening yet
-            s.close()
+        s = _connect(tmp_path / "engine.sock")
+        if s is None:
             return None
         channel.send(s, b"W")
         s.settimeout(30)
