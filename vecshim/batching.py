@@ -12,7 +12,7 @@ and cancelled or expired texts are never computed.
 
 The queue and its round-robin are in `batchqueue`, the hosted-API gate's
 coalescing in `batchgate`, the callers' waits in `batchwait`, the encoder
-threads and their watchdog in `batchthreads`, and how a batch is cut into
+threads, their watchdog and each backend call in `batchthreads`, and how a batch is cut into
 backend calls in `batchplan`.
 """
 from __future__ import annotations
@@ -27,10 +27,10 @@ from typing import Callable, Hashable, Sequence
 
 from .batchgate import Coalescer
 from .batchplan import plan_groups
-from .batchqueue import FairQueue, Job, Unit, settle
+from .batchqueue import FairQueue, Job, Taken, Unit, settle
 from .batchthreads import Encoders
 from .batchwait import caller_gone, wait_for
-from .errors import BackendUnavailable, InferenceTimeout, Overloaded, PayloadTooLarge, UpstreamError
+from .errors import BackendUnavailable, InferenceTimeout, Overloaded, PayloadTooLarge
 
 __all__ = ["Batcher", "plan_groups", "caller_gone", "caller_source"]
 
@@ -40,26 +40,6 @@ caller_source: contextvars.ContextVar[Hashable | None] = contextvars.ContextVar(
     "vecshim_caller_source", default=None)
 
 log = logging.getLogger("vecshim.batching")
-
-
-def _is_transient(err: BaseException) -> bool:
-    # Splitting a batch helps only when one bad text broke it, not when the
-    # upstream itself is failing.
-    return isinstance(err, BackendUnavailable) or (isinstance(err, UpstreamError) and err.retryable)
-
-
-class _Shared:
-    """A taken batch whose planned calls any encoder thread may run: what its metrics need."""
-
-    __slots__ = ("size", "wait", "start", "calls_left")
-
-    def __init__(self, size: int, wait: float, start: float, calls: int):
-        self.size, self.wait, self.start, self.calls_left = size, wait, start, calls
-
-    def call_ended_locked(self) -> bool:
-        """Count one of its calls done; True when it was the last."""
-        self.calls_left -= 1
-        return self.calls_left == 0
 
 
 class Batcher:
@@ -118,8 +98,8 @@ class Batcher:
         self._busy = 0
         self._last_size = 0
         #: Calls planned from a taken batch and not yet started, for any encoder thread (local
-        #: backends): (units, the batch's _Shared).
-        self._planned: collections.deque[tuple[list[Unit], _Shared]] = collections.deque()
+        #: backends): (units, the batch's Taken).
+        self._planned: collections.deque[tuple[list[Unit], Taken]] = collections.deque()
         self._encoders = Encoders(name, self._run, workers, self._cond, lambda: self._queue.closed, stuck_after_s)
 
     @property
@@ -215,7 +195,7 @@ class Batcher:
                         name=self.name, discard=self.discard)
 
     # -- encoder threads ---------------------------------------------------------
-    def _take(self) -> tuple[list[Unit], "_Shared | None"] | None:
+    def _take(self) -> tuple[list[Unit], "Taken | None"] | None:
         """The next work of an encoder thread: a planned call of a batch another thread took, or a new
         batch (its first call, the rest planned for any thread); None once closed and drained."""
         queue, coalescer = self._queue, self._coalescer
@@ -261,7 +241,7 @@ class Batcher:
                 # every client's next text) and is cut into fewer, fuller calls than two batches
                 # taken by two threads would be.
                 groups = self._plan(batch)
-                shared = _Shared(len(batch), now - min(u.job.enqueued for u in batch), now, len(groups))
+                shared = Taken(len(batch), now - min(u.job.enqueued for u in batch), now, len(groups))
                 for g in groups[1:]:
                     self._planned.append((g, shared))
                 batch = groups[0]
@@ -292,7 +272,7 @@ class Batcher:
             if work is None or self._process(*work):
                 return
 
-    def _process(self, units: list[Unit], shared: "_Shared | None" = None) -> bool:
+    def _process(self, units: list[Unit], shared: "Taken | None" = None) -> bool:
         """Embed taken texts and settle their futures; True if this thread was replaced while it hung.
 
         With `shared`, `units` are one planned call of a batch whose calls
@@ -307,11 +287,11 @@ class Batcher:
         start = time.monotonic()
         try:
             if shared is not None:
-                self._embed(units)
+                self._encoders.call(units, self.embed_fn, self.on_sources)
             elif units:
                 wait = start - min(u.job.enqueued for u in units)
                 for call in self._plan(units):
-                    self._embed(call)
+                    self._encoders.call(call, self.embed_fn, self.on_sources)
                 if self.on_batch:
                     self.on_batch(len(units), wait, time.monotonic() - start)
         except BaseException as err:  # never let a worker die with callers waiting
@@ -330,35 +310,6 @@ class Batcher:
             if shared_done and self.on_batch:
                 self.on_batch(shared.size, shared.wait, time.monotonic() - shared.start)
         return retired
-
-    def _embed(self, units: list[Unit]) -> None:
-        units = [u for u in units if not u.job.dropped and not u.future.done()]
-        if not units:
-            return  # every caller of this group left or timed out meanwhile
-        if self.on_sources is not None:
-            sources = {u.job.source for u in units}
-            sources.discard(None)
-            self.on_sources(len(sources))
-        me, calls = threading.get_ident(), self._encoders.calls
-        try:
-            calls[me] = time.monotonic()  # the watchdog reads it
-            try:
-                vectors = self.embed_fn([u.text for u in units], units[0].job.key)
-            finally:
-                calls.pop(me, None)
-        except Exception as err:
-            if len(units) > 1 and not _is_transient(err):
-                mid = len(units) // 2
-                self._embed(units[:mid])
-                self._embed(units[mid:])
-                return
-            if len(units) == 1 or _is_transient(err):
-                log.debug("embed failed for %d texts: %s", len(units), err)
-            for u in units:
-                settle(u.future, error=err)
-            return
-        for u, v in zip(units, vectors):
-            settle(u.future, result=v)
 
     def close(self, timeout: float = 30.0) -> bool:
         """Stop taking new texts, finish the queued ones, join workers; True if drained."""

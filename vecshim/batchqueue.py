@@ -10,7 +10,7 @@ import time
 from concurrent.futures import Future, InvalidStateError
 from typing import Hashable
 
-__all__ = ["Job", "Unit", "FairQueue", "settle"]
+__all__ = ["Job", "Unit", "FairQueue", "Taken", "settle"]
 
 
 class Job:
@@ -33,6 +33,20 @@ class Unit:
 
     def __init__(self, text, tokens: int, future: Future, job: Job):
         self.text, self.tokens, self.future, self.job = text, tokens, future, job
+
+
+class Taken:
+    """A taken batch whose planned calls any encoder thread may run: what its metrics need."""
+
+    __slots__ = ("size", "wait", "start", "calls_left")
+
+    def __init__(self, size: int, wait: float, start: float, calls: int):
+        self.size, self.wait, self.start, self.calls_left = size, wait, start, calls
+
+    def call_ended_locked(self) -> bool:
+        """Count one of its calls done; True when it was the last."""
+        self.calls_left -= 1
+        return self.calls_left == 0
 
 
 def settle(future: Future, result=None, error: BaseException | None = None) -> None:

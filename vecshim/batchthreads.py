@@ -1,4 +1,4 @@
-"""A model's encoder threads, and the watchdog that replaces one stuck in a hung backend call."""
+"""A model's encoder threads, each backend call they run, and the watchdog that replaces one stuck in a hung call."""
 from __future__ import annotations
 
 import logging
@@ -6,9 +6,18 @@ import threading
 import time
 from typing import Callable
 
+from .batchqueue import settle
+from .errors import BackendUnavailable, UpstreamError
+
 __all__ = ["Encoders"]
 
 log = logging.getLogger("vecshim.batching")
+
+
+def _is_transient(err: BaseException) -> bool:
+    # Splitting a batch helps only when one bad text broke it, not when the
+    # upstream itself is failing.
+    return isinstance(err, BackendUnavailable) or (isinstance(err, UpstreamError) and err.retryable)
 
 
 class Encoders:
@@ -54,6 +63,40 @@ class Encoders:
                         log.error("model %r: a backend call has run for %.0f s; starting a replacement "
                                   "encoder thread", self.name, now - started)
                         self._spawn()
+
+    def call(self, units: list, embed_fn: Callable, on_sources: Callable[[int], None] | None) -> None:
+        """One backend call for `units` (recorded in `calls` for the watchdog), their futures settled.
+
+        A call that fails for a reason other than a transient one is split in
+        two and retried, down to single texts, so one bad text fails alone.
+        """
+        units = [u for u in units if not u.job.dropped and not u.future.done()]
+        if not units:
+            return  # every caller of this group left or timed out meanwhile
+        if on_sources is not None:
+            sources = {u.job.source for u in units}
+            sources.discard(None)
+            on_sources(len(sources))
+        me = threading.get_ident()
+        try:
+            self.calls[me] = time.monotonic()  # the watchdog reads it
+            try:
+                vectors = embed_fn([u.text for u in units], units[0].job.key)
+            finally:
+                self.calls.pop(me, None)
+        except Exception as err:
+            if len(units) > 1 and not _is_transient(err):
+                mid = len(units) // 2
+                self.call(units[:mid], embed_fn, on_sources)
+                self.call(units[mid:], embed_fn, on_sources)
+                return
+            if len(units) == 1 or _is_transient(err):
+                log.debug("embed failed for %d texts: %s", len(units), err)
+            for u in units:
+                settle(u.future, error=err)
+            return
+        for u, v in zip(units, vectors):
+            settle(u.future, result=v)
 
     def retired_locked(self) -> bool:
         """Whether a replacement took over while the calling thread's call hung (it then ends)."""
