@@ -115,7 +115,7 @@ class VecshimWorker(ThreadWorker):
         if state is None:
             return None
         why = ("server.auth.embed_tokens is set" if state.config.server.auth.embed_tokens
-               else "TLS or HTTP/2" if not self._plain()
+               else "TLS or HTTP/2" if not self._plain_http
                else "a gunicorn accesslog is set" if self.cfg.accesslog
                else "proxy_protocol is on" if self.cfg.proxy_protocol not in (None, False, "off") else None)
         log.info("worker %d: lean POST /vectors path %s", self.pid, f"off ({why})" if why else "on")
@@ -125,11 +125,8 @@ class VecshimWorker(ThreadWorker):
         return partial(lean_vectors, state)
 
     # -- reading in the loop -------------------------------------------------
-    def _plain(self) -> bool:
-        return self._plain_http
-
     def enqueue_req(self, conn):
-        if getattr(conn, "vecshim_buffered", False) or not self._plain():
+        if getattr(conn, "vecshim_buffered", False) or not self._plain_http:
             conn.vecshim_buffered = False
             return super().enqueue_req(conn)
         leftover = conn.parser.unreader.take_buffered() if conn.parser is not None else b""
@@ -294,7 +291,7 @@ class VecshimWorker(ThreadWorker):
             self._in_threads += 1
         try:
             keep = self._serve(conn)
-            while keep is True and self._plain() and self._may_linger():
+            while keep is True and self._plain_http and self._may_linger():
                 nxt = self._next_request(conn)
                 if nxt is None:
                     break  # nothing yet, or partial: the loop takes over
