@@ -67,8 +67,8 @@ class _Engine:
             cmd += ["--config", config_path]
         self.proc = subprocess.Popen(cmd, env=dict(os.environ))
         self.started = time.monotonic()
-        #: How it ended, once it has and `collect()` saw it.
-        self.end: str | None = None
+        #: Whether `collect()` saw it dead before anything else reaped it (so returncode is its status).
+        self.status_known = False
 
     @property
     def pid(self) -> int:
@@ -79,35 +79,36 @@ class _Engine:
         return self.proc.poll() is None
 
     def collect(self) -> None:
-        """If the engine has died: record how (`end`), then reap it.
+        """If the engine has died, reap it with its exit status.
 
         gunicorn's master reaps every child with `waitpid(-1)` and drops the
         status of those that are not its workers, after which `Popen` can only
         report exit code 0. So this runs first, from the master's reaping
-        (`EngineSupervisor.claim_exits`) and from `alive()`: it reads the status
-        without reaping (`WNOWAIT`), and `Popen` reaps with that status.
+        (`EngineSupervisor.claim_exits`) and from `alive()`: `waitid(WNOWAIT)`
+        tells whether the engine is dead without reaping it, then `Popen`
+        reaps it and keeps the status in `returncode`.
         """
-        if self.end is not None or self.proc.returncode is not None:
+        if self.proc.returncode is not None:
             return
         try:
-            info = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            dead = os.waitid(os.P_PID, self.proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
         except ChildProcessError:  # reaped already, by a waitpid(-1) that ran first
             return
-        if info is None:
-            return
-        if info.si_code == os.CLD_EXITED:
-            self.end = f"exited with code {info.si_status}"
-        else:
-            try:
-                name = signal.Signals(info.si_status).name
-            except ValueError:
-                name = f"signal {info.si_status}"
-            self.end = f"was killed by {name}" + (" (out of memory?)" if info.si_status == signal.SIGKILL else "")
-        self.proc.poll()
+        if dead:
+            self.status_known = self.proc.poll() is not None
 
     def ended(self) -> str:
         """How the dead engine ended, as a log line's predicate."""
-        return self.end or "ended (its status was reaped before vecshim could read it)"
+        code = self.proc.returncode
+        if not self.status_known or code is None:
+            return "ended (its status was reaped before vecshim could read it)"
+        if code >= 0:
+            return f"exited with code {code}"
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}" + (" (out of memory?)" if -code == signal.SIGKILL else "")
 
     def terminate(self, timeout: float) -> None:
         """SIGTERM (the engine drains its queues), SIGKILL after `timeout`."""
